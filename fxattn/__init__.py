@@ -1,0 +1,57 @@
+"""fxattn: free attention for any PyTorch model.
+
+Insert DIA (Dense-and-Implicit Attention, kept at inference) and SSIA (Self-Supervised
+Implicit Attention, training only) into a model you did not write, with ``torch.fx``; strip
+SSIA for deployment; export a lean ONNX model verified in onnxruntime; benchmark it.
+
+>>> import torch, torchvision, fxattn
+>>> model = torchvision.models.resnet18()
+>>> net = fxattn.transform(model, torch.randn(2, 3, 64, 64))
+>>> lean = fxattn.strip_ssia(net)
+"""
+
+from .analysis import Plan
+from .config import DIA, SSIA
+from .errors import (
+    AlreadyTransformedError,
+    AnalysisError,
+    CheckpointError,
+    ConfigError,
+    ExportError,
+    FxAttnError,
+    InputError,
+    ModelSpecError,
+    NotTransformedError,
+    SSIALossUnavailableError,
+    TraceError,
+    VerificationError,
+)
+from .graph_module import AttentionGraphModule
+from .tracing import TraceOptions
+from .transform import inspect, ssia_loss, strip_ssia, transform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DIA",
+    "SSIA",
+    "AlreadyTransformedError",
+    "AnalysisError",
+    "AttentionGraphModule",
+    "CheckpointError",
+    "ConfigError",
+    "ExportError",
+    "FxAttnError",
+    "InputError",
+    "ModelSpecError",
+    "NotTransformedError",
+    "Plan",
+    "SSIALossUnavailableError",
+    "TraceError",
+    "TraceOptions",
+    "VerificationError",
+    "inspect",
+    "ssia_loss",
+    "strip_ssia",
+    "transform",
+]

@@ -1,0 +1,266 @@
+"""The ``fxattn`` command line: ``inspect | transform | export | bench | demo``.
+
+Errors end the command with one readable line on stderr and exit code 2 (1 for an unexpected
+internal error); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import FxAttnError, ModelSpecError
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"fxattn: error: {message} (see fxattn {self.prog.split()[-1]} -h)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"num_classes\": 10}'")
+    return value
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="torchvision:NAME, timm:NAME, package.module:factory "
+                                      "(imports that module) or a file saved by fxattn")
+    parser.add_argument("--model-kwargs", type=_json_object, default={},
+                        help="JSON keyword arguments for the model factory")
+    parser.add_argument("--input-shape", help="example input shape, e.g. 2,3,224,224 "
+                                              "(default: the model's own input size, batch 2)")
+
+
+def _add_method_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("methods")
+    group.add_argument("--dia", action=argparse.BooleanOptionalAction, default=True,
+                       help="insert DIA (default: yes)")
+    group.add_argument("--ssia", action=argparse.BooleanOptionalAction, default=True,
+                       help="attach SSIA to the training graph (default: yes)")
+    group.add_argument("--module", choices=["lstm", "se"], default="lstm", help="DIA module")
+    group.add_argument("--reduction", type=_positive_int, default=4, help="DIA reduction r")
+    group.add_argument("--share", choices=["stage", "channels", "none"], default="stage")
+    group.add_argument("--include", action="append", default=[],
+                       help="regex on module paths: only these sites get DIA (repeatable)")
+    group.add_argument("--exclude", action="append", default=[],
+                       help="regex on module paths: these sites get no DIA (repeatable)")
+    group.add_argument("--ssia-weight", type=_non_negative_float, default=1.0)
+    group.add_argument("--ssia-map", choices=["spatial", "channel"], default="spatial")
+
+
+def _methods(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .config import DIA, SSIA
+
+    dia = DIA(args.module, args.reduction, args.share, tuple(args.include),
+              tuple(args.exclude)) if args.dia else False
+    ssia = SSIA(weight=args.ssia_weight, map=args.ssia_map) if args.ssia else False
+    return dia, ssia
+
+
+def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    import torch
+
+    from .specs import build_model, parse_shape, random_input
+
+    if Path(args.model).suffix in (".fxattn", ".pt", ".pth") or Path(args.model).exists():
+        raise ModelSpecError(
+            f"{args.model} is a file; this command takes a model spec (torchvision:NAME, "
+            "timm:NAME, package.module:factory)"
+        )
+    built = build_model(args.model, args.model_kwargs)
+    shape = parse_shape(args.input_shape) if args.input_shape else built.input_shape
+    example = random_input(shape)
+    if not torch.is_floating_point(example):  # pragma: no cover - random_input is float
+        raise ModelSpecError("example input must be floating point")
+    return built.model, example, built.spec
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .transform import inspect
+
+    model, example, _ = _model_and_input(args)
+    dia, ssia = _methods(args)
+    plan = inspect(model, example, dia=dia, ssia=ssia)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2, default=str))
+    else:
+        print(plan)
+    return 0
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    from .serialization import save
+    from .transform import strip_ssia, transform
+
+    model, example, spec = _model_and_input(args)
+    dia, ssia = _methods(args)
+    net = transform(model, example, dia=dia, ssia=ssia)
+    module = strip_ssia(net) if args.strip else net
+    path = save(module, args.output, example, model_spec=spec, model_kwargs=args.model_kwargs,
+                overwrite=args.force)
+    kind = "stripped (lean)" if args.strip else "transformed (training)"
+    print(f"saved {kind} {spec} to {path}: {len(net.plan.sites)} DIA sites, "
+          f"{len(net.plan.active_pairs)} SSIA pairs; load with fxattn.load({str(path)!r})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .onnx_export import export_onnx
+    from .serialization import load, read
+    from .specs import parse_shape, random_input
+    from .transform import strip_ssia, transform
+
+    if Path(args.model).exists() or Path(args.model).suffix in (".fxattn", ".pt", ".pth"):
+        payload = read(args.model)
+        module = load(args.model)
+        shape = parse_shape(args.input_shape) if args.input_shape else (
+            tuple(payload["inputs"][0][0]))
+        example: Any = random_input(shape)
+    else:
+        model, example, _ = _model_and_input(args)
+        if args.original:
+            module = model.eval()
+        else:
+            dia, ssia = _methods(args)
+            module = strip_ssia(transform(model, example, dia=dia, ssia=ssia))
+    with torch.no_grad():
+        report = export_onnx(module, args.output, example, opset=args.opset,
+                             exporter=args.exporter, verify=not args.no_verify, atol=args.atol,
+                             overwrite=args.force)
+    print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(out_dir=Path(args.out), steps=args.steps, size=args.size)
+    print(f"files are in {result.out_dir.resolve()}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    runner: Callable[[argparse.Namespace], int] | None = getattr(bench, "cli_bench", None)
+    if runner is None:  # pragma: no cover - kept until the benchmark CLI lands
+        raise FxAttnError("fxattn bench is not available in this build")
+    return runner(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fxattn", description="Free attention (DIA + SSIA) for any "
+                     "PyTorch model: inspect, transform, export lean ONNX, benchmark.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("inspect", help="show where DIA and SSIA would go")
+    _add_model_args(p)
+    _add_method_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("transform", help="transform a model and save it (.fxattn)")
+    _add_model_args(p)
+    _add_method_args(p)
+    p.add_argument("-o", "--output", required=True, help="output file (.fxattn)")
+    p.add_argument("--strip", action="store_true", help="save the lean (SSIA-stripped) module")
+    p.add_argument("--force", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace an existing output file (default: yes, atomically)")
+    p.set_defaults(func=cmd_transform)
+
+    p = sub.add_parser("export", help="export the lean model to ONNX and verify it")
+    _add_model_args(p)
+    _add_method_args(p)
+    p.add_argument("-o", "--output", required=True, help="output .onnx file")
+    p.add_argument("--original", action="store_true", help="export the untransformed model")
+    p.add_argument("--opset", type=_positive_int, default=None)
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
+    p.add_argument("--atol", type=_non_negative_float, default=1e-4)
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    p.add_argument("--json", help="also write the export report as JSON to this file")
+    p.add_argument("--force", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace an existing output file (default: yes, atomically)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="latency of the original vs the lean model")
+    _add_model_args(p)
+    _add_method_args(p)
+    p.add_argument("--batch", default="1,8", help="batch sizes, e.g. 1,8")
+    p.add_argument("--threads", type=_positive_int, default=2)
+    p.add_argument("--runs", type=_positive_int, default=30)
+    p.add_argument("--warmup", type=_positive_int, default=5)
+    p.add_argument("--out", default="bench-results", help="output folder")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the whole pipeline on torchvision ResNet-18")
+    p.add_argument("--out", default="fxattn-demo", help="folder for the ONNX files")
+    p.add_argument("--steps", type=_positive_int, default=8, help="training steps")
+    p.add_argument("--size", type=_positive_int, default=96, help="image size")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FxAttnError as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"fxattn: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fxattn: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one readable line instead of a traceback
+        if args.debug:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"fxattn: internal error: {type(exc).__name__}: {first} (rerun with --debug "
+              "for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Plain option objects for the two methods, validated on construction.
+
+They play the role of ``torch.ao.quantization``'s QConfig mappings: the passes read them and
+never change them, and they serialise to JSON (:meth:`to_dict`) so a saved model records how
+it was made.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+DIAModuleKind = Literal["lstm", "se"]
+ShareMode = Literal["stage", "channels", "none"]
+MapKind = Literal["spatial", "channel"]
+PairMode = Literal["next", "deepest"]
+
+DIA_MODULE_KINDS = ("lstm", "se")
+SHARE_MODES = ("stage", "channels", "none")
+MAP_KINDS = ("spatial", "channel")
+PAIR_MODES = ("next", "deepest")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not supported; choose one of {', '.join(choices)}")
+
+
+def _check_regexes(name: str, patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ConfigError(f"{name} must hold regex strings, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{name} pattern {pattern!r} is not a valid regex: {exc}") from None
+
+
+@dataclass(frozen=True)
+class DIA:
+    """Options of Dense-and-Implicit Attention (kept in the deployed model).
+
+    Args:
+        module: ``"lstm"`` (the DIA-LSTM cell, default) or ``"se"`` (a shared SE MLP).
+        reduction: hidden width of the cell's MLPs is ``C // reduction`` (default 4).
+        share: ``"stage"`` one module per group of consecutive sites (default),
+            ``"channels"`` one per channel count, ``"none"`` one per site.
+        include / exclude: regexes on a site's module path (``layer1.0``); a site is kept if it
+            matches any ``include`` (when given) and no ``exclude``. When the model has no
+            residual sites, they select among the stage outputs instead.
+    """
+
+    module: DIAModuleKind = "lstm"
+    reduction: int = 4
+    share: ShareMode = "stage"
+    include: tuple[str, ...] = field(default_factory=tuple)
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _check_choice("DIA module", self.module, DIA_MODULE_KINDS)
+        _check_choice("DIA share", self.share, SHARE_MODES)
+        if isinstance(self.reduction, bool) or not isinstance(self.reduction, int):
+            raise ConfigError(f"DIA reduction must be a positive integer, got {self.reduction!r}")
+        if self.reduction <= 0:
+            raise ConfigError(f"DIA reduction must be >= 1, got {self.reduction}")
+        object.__setattr__(self, "include", _as_tuple(self.include))
+        object.__setattr__(self, "exclude", _as_tuple(self.exclude))
+        _check_regexes("DIA include", self.include)
+        _check_regexes("DIA exclude", self.exclude)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SSIA:
+    """Options of Self-Supervised Implicit Attention (training only, stripped for inference).
+
+    Args:
+        weight: multiplier of the loss returned by :func:`fxattn.ssia_loss` (default 1.0).
+        p: exponent of the attention map ``mean_c |F|^p`` (default 2).
+        map: ``"spatial"`` attention maps (default) or ``"channel"`` descriptors compared
+            through a training-only projection.
+        pairs: ``"next"`` (each tap with the next deeper one, default) or ``"deepest"``.
+        token_taps: how many evenly spaced taps a model of constant resolution (ViT) gets.
+    """
+
+    weight: float = 1.0
+    p: float = 2.0
+    map: MapKind = "spatial"
+    pairs: PairMode = "next"
+    token_taps: int = 4
+
+    def __post_init__(self) -> None:
+        _check_choice("SSIA map", self.map, MAP_KINDS)
+        _check_choice("SSIA pairs", self.pairs, PAIR_MODES)
+        for name in ("weight", "p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"SSIA {name} must be a number, got {value!r}")
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"SSIA {name} must be finite, got {value!r}")
+        if self.weight < 0:
+            raise ConfigError(f"SSIA weight must be >= 0, got {self.weight}")
+        if self.p <= 0:
+            raise ConfigError(f"SSIA p must be > 0, got {self.p}")
+        if isinstance(self.token_taps, bool) or not isinstance(self.token_taps, int):
+            raise ConfigError(f"SSIA token_taps must be an integer, got {self.token_taps!r}")
+        if self.token_taps < 2:
+            raise ConfigError(f"SSIA token_taps must be >= 2 to form a pair, got {self.token_taps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_tuple(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    try:
+        return tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigError(f"expected a regex or a list of regexes, got {value!r}") from None
+
+
+def resolve_dia(dia: bool | DIA | None) -> DIA | None:
+    """``True`` -> defaults, ``False``/``None`` -> disabled, a DIA object -> itself."""
+    return _resolve(dia, DIA, "dia")
+
+
+def resolve_ssia(ssia: bool | SSIA | None) -> SSIA | None:
+    return _resolve(ssia, SSIA, "ssia")
+
+
+def _resolve(value: object, kind: type, name: str) -> Any:
+    if value is True:
+        return kind()
+    if value is False or value is None:
+        return None
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, dict):
+        try:
+            return kind(**value)
+        except TypeError as exc:
+            raise ConfigError(f"{name} options: {exc}") from None
+    raise ConfigError(
+        f"{name} must be True, False, a dict of options or fxattn.{kind.__name__}(...), "
+        f"got {type(value).__name__}"
+    )

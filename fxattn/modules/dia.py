@@ -1,0 +1,96 @@
+"""Dense-and-Implicit Attention modules, one shared by every site of a group.
+
+The DIA-LSTM cell follows the official DIANet code: for site ``t`` with branch output
+``A_t`` and ``C`` channels (gate order i, f, g, o as in ``nn.LSTM``)::
+
+    x_t   = GAP(A_t)                                          # (B, C)
+    gates = input_path(x_t) + hidden_path(h_{t-1})            # each Linear -> ReLU -> Linear(4C)
+    i, f, g, o = split(gates, 4);  i, f, o = sigmoid(.);  g = tanh(.)
+    c_t = f * c_{t-1} + i * g
+    h_t = o * sigmoid(c_t)                                    # sigmoid, not tanh: h_t in (0, 1)
+    out = A_t * h_t                                           # broadcast over H, W / tokens
+
+``h_0 = c_0 = 0`` at the first site of a group (the call without state).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _descriptor(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Global average over every dimension but batch and channels: ``(B, C)``."""
+    dims = [d for d in range(1, x.dim()) if d != channel_dim]
+    if not dims:
+        return x
+    return x.mean(dim=dims)
+
+
+def _broadcastable(weights: torch.Tensor, like: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``(B, C)`` -> shape that broadcasts over ``like``'s non-channel dims."""
+    for d in range(1, like.dim()):
+        if d != channel_dim:
+            weights = weights.unsqueeze(d)
+    return weights
+
+
+def _mlp(channels: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+
+class DIALSTMCell(nn.Module):
+    """The DIA-LSTM cell. ``forward(x, h=None, c=None) -> (x * h_t, h_t, c_t)``."""
+
+    def __init__(self, channels: int, reduction: int = 4, channel_dim: int = 1) -> None:
+        super().__init__()
+        hidden = channels // reduction
+        self.channels = channels
+        self.channel_dim = channel_dim
+        self.input_path = _mlp(channels, hidden, 4 * channels)
+        self.hidden_path = _mlp(channels, hidden, 4 * channels)
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor | None = None, c: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        descriptor = _descriptor(x, self.channel_dim)
+        if h is None or c is None:
+            h = torch.zeros_like(descriptor)
+            c = torch.zeros_like(descriptor)
+        gates = self.input_path(descriptor) + self.hidden_path(h)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_next = torch.sigmoid(o) * torch.sigmoid(c_next)
+        return x * _broadcastable(h_next, x, self.channel_dim), h_next, c_next
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, channel_dim={self.channel_dim}"
+
+
+class SharedSE(nn.Module):
+    """Squeeze-excitation MLP shared by a group, without state: ``forward(x) -> x * a``."""
+
+    stateful = False
+
+    def __init__(self, channels: int, reduction: int = 4, channel_dim: int = 1) -> None:
+        super().__init__()
+        self.channels = channels
+        self.channel_dim = channel_dim
+        self.fc = _mlp(channels, channels // reduction, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.sigmoid(self.fc(_descriptor(x, self.channel_dim)))
+        return x * _broadcastable(weights, x, self.channel_dim)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, channel_dim={self.channel_dim}"
+
+
+DIALSTMCell.stateful = True  # type: ignore[attr-defined]
+
+# Registry instead of an if-chain: DIA(module=...) names a key here.
+DIA_MODULES: dict[str, type[nn.Module]] = {"lstm": DIALSTMCell, "se": SharedSE}
+
+
+def build_dia_module(kind: str, channels: int, reduction: int, channel_dim: int) -> nn.Module:
+    return DIA_MODULES[kind](channels, reduction, channel_dim)

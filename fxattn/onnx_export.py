@@ -1,0 +1,336 @@
+"""Export a (lean) module to ONNX and prove it: checker, then onnxruntime against PyTorch.
+
+* ``torch.onnx.export`` with the dynamo exporter (the TorchScript exporter as a fallback), a
+  dynamic batch dimension, ``onnx.checker.check_model(full_check=True)``.
+* Verification runs the ONNX file in onnxruntime and the module in PyTorch on the same fresh
+  inputs at two batch sizes (2 and 3 by default) and fails above ``atol``.
+* The write is atomic: the model goes to a temporary file next to ``path`` and is renamed over
+  ``path`` only once checked and verified. A failure leaves no file behind, and an existing file
+  at ``path`` stays as it was.
+
+Overwrite policy: an existing file is replaced (atomically) unless ``overwrite=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect as pyinspect
+import io
+import os
+import tempfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .errors import ExportError, InputError, VerificationError
+from .graph_module import AttentionGraphModule, unwrap
+from .tracing import ExampleInputs, count_parameters
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and how well it matched PyTorch."""
+
+    path: str
+    exporter: str
+    opset: int
+    file_bytes: int
+    nodes: int
+    op_counts: dict[str, int]
+    parameters: int
+    onnx_parameters: int
+    export_seconds: float
+    batch_sizes: tuple[int, ...]
+    max_abs_error: float
+    max_rel_error: float
+    atol: float
+    verified: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"{op} {n}" for op, n in sorted(self.op_counts.items(), key=lambda kv: -kv[1]))
+        lines = [
+            f"ONNX model: {self.path} ({self.file_bytes / 1e6:.2f} MB, opset {self.opset}, "
+            f"{self.exporter} exporter, {self.export_seconds:.2f} s)",
+            f"nodes: {self.nodes} [{ops}]",
+            f"parameters: {self.parameters:,} (ONNX initializers: {self.onnx_parameters:,})",
+        ]
+        if self.verified:
+            lines.append(
+                f"onnxruntime vs PyTorch at batch {', '.join(map(str, self.batch_sizes))}: "
+                f"max abs error {self.max_abs_error:.2e}, max rel error {self.max_rel_error:.2e} "
+                f"(tolerance {self.atol:g}) - OK"
+            )
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def check_output_path(path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+    """Fail early, with a clear message, when ``path`` cannot receive a file."""
+    target = Path(path)
+    if str(path) == "" or target.name == "":
+        raise ExportError("the output path is empty; give a file name such as model.onnx")
+    if target.is_dir():
+        raise ExportError(f"output path {target} is a directory; give a file name inside it")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.exists():
+        raise ExportError(f"the folder {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise ExportError(f"{parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"the folder {parent} is not writable; choose another output path")
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} already exists; pass overwrite=True (--force) to replace it")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path, suffix: str) -> Any:
+    """Yield a temporary path beside ``target``; rename it over ``target`` on success only."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        for leftover in (tmp, Path(str(tmp) + ".data")):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def _export_inputs(inputs: ExampleInputs) -> ExampleInputs:
+    # torch.export specialises a dimension of size 1; trace with a batch of at least 2.
+    if inputs.batch_size >= 2:
+        return inputs
+    return inputs.with_batch(2, torch.Generator().manual_seed(0))
+
+
+def _dynamic_shapes(module: nn.Module, inputs: ExampleInputs) -> Any:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    spec = tree_map(
+        lambda leaf: {0: batch} if isinstance(leaf, torch.Tensor) else None,
+        (inputs.args, inputs.kwargs),
+    )
+    if not inputs.kwargs:
+        return tuple(spec[0])
+    bound = pyinspect.signature(module.forward).bind(*spec[0], **spec[1])
+    return dict(bound.arguments)
+
+
+def _run_exporter(
+    kind: str, module: nn.Module, inputs: ExampleInputs, tmp: Path, opset: int | None
+) -> None:
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")
+        if kind == "dynamo":
+            torch.onnx.export(
+                module,
+                inputs.args,
+                str(tmp),
+                kwargs=inputs.kwargs or None,
+                dynamo=True,
+                dynamic_shapes=_dynamic_shapes(module, inputs),
+                opset_version=opset,
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+        else:
+            names = [f"input_{i}" for i in range(len(inputs.tensors()))]
+            torch.onnx.export(
+                module,
+                inputs.args,
+                str(tmp),
+                kwargs=inputs.kwargs or None,
+                dynamo=False,
+                input_names=names,
+                dynamic_axes={name: {0: "batch"} for name in names},
+                opset_version=opset or 17,
+            )
+
+
+def export_onnx(
+    module: nn.Module,
+    path: str | os.PathLike[str],
+    example_inputs: Any,
+    *,
+    opset: int | None = None,
+    exporter: str = "auto",
+    verify: bool = True,
+    batch_sizes: tuple[int, ...] = (2, 3),
+    atol: float = 1e-4,
+    overwrite: bool = True,
+    seed: int = 0,
+) -> ExportReport:
+    """Export ``module`` to ``path`` as ONNX with a dynamic batch and verify it in onnxruntime.
+
+    An fxattn training module is stripped first (its lean evaluation graph is exported). The
+    module is exported in eval mode; a module in training mode is copied, never switched.
+
+    Args:
+        module: the module to export (typically ``fxattn.strip_ssia(net)``).
+        path: the ``.onnx`` file to write (see the overwrite policy in the module docstring).
+        example_inputs: one batch, as for :func:`fxattn.transform`.
+        opset: ONNX opset (exporter default when ``None``).
+        exporter: ``"auto"`` (dynamo, then TorchScript on failure), ``"dynamo"`` or
+            ``"torchscript"``.
+        verify: compare onnxruntime with PyTorch at ``batch_sizes`` (two sizes, not only 1).
+        atol: maximum absolute error allowed (default 1e-4 for fp32).
+
+    Raises:
+        ExportError: the path cannot be written or no exporter could export the module.
+        VerificationError: onnxruntime disagrees with PyTorch by more than ``atol``.
+    """
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter={exporter!r} is not one of {', '.join(EXPORTERS)}")
+    if not isinstance(module, nn.Module):
+        raise InputError(f"export_onnx needs an nn.Module, got {type(module).__name__}")
+    if verify and (len(set(batch_sizes)) < 2 or any(b < 1 for b in batch_sizes)):
+        raise ExportError(f"verify needs two distinct positive batch sizes, got {batch_sizes}")
+    if not atol > 0:
+        raise ExportError(f"atol must be > 0, got {atol}")
+    target = check_output_path(path, overwrite)
+    inputs = ExampleInputs.from_user(example_inputs)
+    notes: list[str] = []
+    module = unwrap(module)
+    if isinstance(module, AttentionGraphModule):
+        from .transform import strip_ssia
+
+        module = strip_ssia(module)
+        notes.append("exported the stripped (lean) evaluation graph of the fxattn module")
+    elif module.training:
+        module = copy.deepcopy(module).eval()
+    export_inputs = _export_inputs(inputs)
+    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    failures: list[str] = []
+    with atomic_path(target, ".onnx.tmp") as tmp:
+        start = time.perf_counter()
+        used = None
+        for kind in order:
+            try:
+                _run_exporter(kind, module, export_inputs, tmp, opset)
+                used = kind
+                break
+            except Exception as exc:  # noqa: BLE001 - try the next exporter, report all
+                failures.append(f"{kind}: {_first_line(exc)}")
+        if used is None:
+            raise ExportError(f"ONNX export failed ({'; '.join(failures)})")
+        if failures:
+            notes.append(f"fell back to the {used} exporter ({failures[0]})")
+        seconds = time.perf_counter() - start
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"the exported model fails onnx.checker: {_first_line(exc)}") from exc
+        model_proto = onnx.load(str(tmp))
+        abs_err = rel_err = 0.0
+        if verify:
+            abs_err, rel_err = verify_onnx(str(tmp), module, inputs, batch_sizes, atol, seed)
+        file_bytes = tmp.stat().st_size
+    ops = Counter(node.op_type for node in model_proto.graph.node)
+    initializers = sum(int(np.prod(t.dims)) for t in model_proto.graph.initializer)
+    return ExportReport(
+        path=str(target),
+        exporter=used,
+        opset=next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), 0),
+        file_bytes=file_bytes,
+        nodes=len(model_proto.graph.node),
+        op_counts=dict(ops),
+        parameters=count_parameters(module),
+        onnx_parameters=initializers,
+        export_seconds=seconds,
+        batch_sizes=tuple(batch_sizes) if verify else (),
+        max_abs_error=abs_err,
+        max_rel_error=rel_err,
+        atol=atol,
+        verified=verify,
+        notes=notes,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def ort_session(path: str, threads: int | None = None, spinning: bool = False) -> Any:
+    """An onnxruntime CPU session; worker threads do not spin (see the benchmark notes)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def ort_feed(session: Any, inputs: ExampleInputs) -> dict[str, np.ndarray]:
+    tensors = inputs.tensors()
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(tensors):
+        raise VerificationError(
+            f"the ONNX model takes {len(names)} inputs but the example has {len(tensors)} tensors"
+        )
+    return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors, strict=True)}
+
+
+def verify_onnx(
+    path: str,
+    module: nn.Module,
+    inputs: ExampleInputs,
+    batch_sizes: tuple[int, ...] = (2, 3),
+    atol: float = 1e-4,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Max absolute and relative error of onnxruntime vs PyTorch over ``batch_sizes``."""
+    session = ort_session(path)
+    generator = torch.Generator().manual_seed(seed)
+    worst_abs = worst_rel = 0.0
+    for batch in batch_sizes:
+        batch_inputs = inputs.with_batch(batch, generator)
+        with torch.no_grad():
+            expected = [t for t in tree_leaves(batch_inputs.call(module)) if isinstance(t, torch.Tensor)]
+        actual = session.run(None, ort_feed(session, batch_inputs))
+        if len(actual) != len(expected):
+            raise VerificationError(
+                f"onnxruntime returned {len(actual)} outputs, PyTorch {len(expected)}"
+            )
+        for i, (got, want) in enumerate(zip(actual, expected, strict=True)):
+            want_np = want.detach().float().cpu().numpy() if want.is_floating_point() else want.cpu().numpy()
+            if got.shape != want_np.shape:
+                raise VerificationError(
+                    f"output {i} at batch {batch}: onnxruntime shape {got.shape}, "
+                    f"PyTorch {want_np.shape}"
+                )
+            diff = np.abs(got.astype(np.float64) - want_np.astype(np.float64))
+            abs_err = float(diff.max()) if diff.size else 0.0
+            scale = float(np.abs(want_np).max()) if want_np.size else 0.0
+            rel_err = abs_err / scale if scale > 0 else abs_err
+            worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+            if not abs_err <= atol:
+                raise VerificationError(
+                    f"onnxruntime and PyTorch disagree: output {i} at batch {batch} has max abs "
+                    f"error {abs_err:.3e} (relative {rel_err:.3e}) > tolerance {atol:g}; "
+                    "check for non-deterministic or training-only ops, or raise atol"
+                )
+    return worst_abs, worst_rel

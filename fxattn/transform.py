@@ -1,0 +1,259 @@
+"""The prepare / convert API: :func:`inspect`, :func:`transform`, :func:`ssia_loss`,
+:func:`strip_ssia`.
+
+``transform`` is the *prepare* step (trace both graphs, analyze, insert DIA into both and SSIA
+into the training graph); ``strip_ssia`` is the *convert* step (keep the evaluation graph,
+with DIA, as a lean ``torch.fx.GraphModule``). Neither touches the model it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .analysis import Plan, analyze
+from .config import DIA, SSIA, resolve_dia, resolve_ssia
+from .errors import (
+    AlreadyTransformedError,
+    AnalysisError,
+    InputError,
+    NotTransformedError,
+    SSIALossUnavailableError,
+)
+from .graph_module import DIA_ROOT, SSIA_ROOT, AttentionGraphModule, TransformInfo, unwrap
+from .modules.dia import DIALSTMCell, SharedSE, build_dia_module
+from .modules.ssia import PairSpec, SSIALoss, TapSpec
+from .passes import insert_dia, insert_ssia, strip_pass
+from .tracing import ExampleInputs, TraceOptions, count_parameters, propagate_shapes, trace_dual
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; pass the module "
+            "itself (e.g. torchvision.models.resnet18()), not its output or state_dict"
+        )
+    if isinstance(unwrap(model), AttentionGraphModule) or any(
+        isinstance(m, (DIALSTMCell, SharedSE, SSIALoss)) for m in model.modules()
+    ):
+        raise AlreadyTransformedError(
+            "this model already carries fxattn attention; transform the original model "
+            "instead (its weights load into the result with load_state_dict(strict=False))"
+        )
+
+
+def _trace_options(
+    leaf_modules: Sequence[type[nn.Module] | str],
+    autowrap_functions: Sequence[Callable[..., Any]],
+    concrete_args: Mapping[str, Any] | None,
+) -> TraceOptions:
+    return TraceOptions(tuple(leaf_modules), tuple(autowrap_functions), concrete_args)
+
+
+class _Prepared:
+    """Traced, shape-propagated graphs and their plans (shared by inspect and transform)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        dia: DIA | None,
+        ssia: SSIA | None,
+        options: TraceOptions,
+    ) -> None:
+        _check_model(model)
+        self.inputs = ExampleInputs.from_user(example_inputs)
+        self.root = copy.deepcopy(model)  # never trace, run or rewire the caller's model
+        self.graphs = trace_dual(self.root, self.inputs, options)
+        propagate_shapes(self.graphs.train, self.inputs)
+        propagate_shapes(self.graphs.eval, self.inputs)
+        name = type(model).__name__
+        parameters = count_parameters(model)
+        self.train_plan = analyze(self.graphs.train, dia, ssia, tracer=self.graphs.tracer,
+                                  model_name=name)
+        self.eval_plan = analyze(self.graphs.eval, dia, None, tracer=self.graphs.tracer,
+                                 model_name=name)
+        self.train_plan.model_parameters = parameters
+        self.eval_plan.model_parameters = parameters
+        train_keys = [s.key for s in self.train_plan.sites]
+        eval_keys = [s.key for s in self.eval_plan.sites]
+        if train_keys != eval_keys:
+            raise AnalysisError(
+                f"the train-mode and eval-mode graphs of {name} disagree on the residual sites "
+                f"({len(train_keys)} vs {len(eval_keys)}); restrict DIA with "
+                "DIA(include=...)/exclude to the blocks present in both modes"
+            )
+
+
+def inspect(
+    model: nn.Module,
+    example_inputs: Any,
+    dia: bool | DIA | Mapping[str, Any] | None = True,
+    ssia: bool | SSIA | Mapping[str, Any] | None = True,
+    *,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+    autowrap_functions: Sequence[Callable[..., Any]] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> Plan:
+    """Where DIA and SSIA would go in ``model``: sites, groups, taps, parameter overhead.
+
+    ``print(plan)`` shows it as tables; ``plan.to_dict()`` gives JSON-ready data. The model
+    is not modified.
+
+    Example::
+
+        >>> plan = fxattn.inspect(torchvision.models.resnet50(), torch.randn(2, 3, 224, 224))
+        >>> len(plan.sites), [m.channels for m in plan.dia_modules]
+        (16, [256, 512, 1024, 2048])
+    """
+    prepared = _Prepared(
+        model,
+        example_inputs,
+        resolve_dia(dia),
+        resolve_ssia(ssia),
+        _trace_options(leaf_modules, autowrap_functions, concrete_args),
+    )
+    return prepared.train_plan
+
+
+def transform(
+    model: nn.Module,
+    example_inputs: Any,
+    dia: bool | DIA | Mapping[str, Any] | None = True,
+    ssia: bool | SSIA | Mapping[str, Any] | None = True,
+    *,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+    autowrap_functions: Sequence[Callable[..., Any]] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> AttentionGraphModule:
+    """Return a copy of ``model`` with DIA inserted and SSIA attached to its training graph.
+
+    The result is a drop-in replacement: ``net(x)`` returns what ``model(x)`` returns, it
+    trains with any optimizer, and ``fxattn.ssia_loss(net)`` is the SSIA loss of the latest
+    training forward. ``model`` itself is never modified.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace (leaf modules help otherwise).
+        example_inputs: one batch: a tensor, a tuple of positional inputs, or a dict.
+        dia: ``True`` (defaults), ``False``, or :class:`fxattn.DIA` options.
+        ssia: ``True`` (defaults), ``False``, or :class:`fxattn.SSIA` options.
+        leaf_modules / autowrap_functions / concrete_args: tracing help, see
+            :class:`fxattn.tracing.TraceOptions`.
+
+    Example::
+
+        >>> net = fxattn.transform(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
+        >>> loss = criterion(net(x), y) + fxattn.ssia_loss(net)
+    """
+    dia_cfg, ssia_cfg = resolve_dia(dia), resolve_ssia(ssia)
+    options = _trace_options(leaf_modules, autowrap_functions, concrete_args)
+    prepared = _Prepared(model, example_inputs, dia_cfg, ssia_cfg, options)
+    plan, eval_plan = prepared.train_plan, prepared.eval_plan
+    if dia_cfg is not None and not plan.sites:
+        raise AnalysisError(
+            f"no DIA site found in {type(model).__name__}: it has no residual addition and no "
+            "stage output matched; select sites with DIA(include=[regex on module paths]) or "
+            "use dia=False"
+        )
+    if ssia_cfg is not None and not plan.active_pairs:
+        raise AnalysisError(
+            f"SSIA needs two stage outputs to pair, found {len(plan.taps)} tap(s) in "
+            f"{type(model).__name__}; use ssia=False for this model"
+        )
+    root = prepared.root
+    train_graph = prepared.graphs.train.graph
+    eval_graph = prepared.graphs.eval.graph
+    replaced: dict[str, str] = {}
+    if dia_cfg is not None:
+        device, dtype = _placement(root, prepared.inputs)
+        dia_modules = nn.Module()
+        for spec in plan.dia_modules:
+            module = build_dia_module(dia_cfg.module, spec.channels, dia_cfg.reduction,
+                                      spec.channel_dim)
+            dia_modules.add_module(spec.name, module.to(device=device, dtype=dtype))
+        root.add_module(DIA_ROOT, dia_modules)
+        stateful = dia_cfg.module == "lstm"
+        train_graph, train_report = insert_dia(train_graph, plan.sites, stateful)
+        eval_graph, _ = insert_dia(eval_graph, eval_plan.sites, stateful)
+        replaced = train_report.replaced
+    if ssia_cfg is not None:
+        pairs = [PairSpec(p.low, p.high, p.resize) for p in plan.active_pairs]
+        taps = [
+            TapSpec(t.channel_dim, t.shape[t.channel_dim], t.grid, t.skip_tokens)
+            for t in plan.taps
+        ]
+        ssia_module = SSIALoss(taps, pairs, weight=ssia_cfg.weight, p=ssia_cfg.p,
+                               map=ssia_cfg.map)
+        device, dtype = _placement(root, prepared.inputs)
+        root.add_module(SSIA_ROOT, ssia_module.to(device=device, dtype=dtype))
+        train_graph, _ = insert_ssia(train_graph, plan.taps, replaced)
+    info = TransformInfo(
+        plan=plan,
+        dia=dia_cfg.to_dict() if dia_cfg else None,
+        ssia=ssia_cfg.to_dict() if ssia_cfg else None,
+        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+    )
+    net = AttentionGraphModule(root, train_graph, eval_graph, info,
+                               class_name=f"FxAttn{type(model).__name__}")
+    net.train(model.training)
+    return net
+
+
+def _placement(root: nn.Module, inputs: ExampleInputs) -> tuple[torch.device, torch.dtype]:
+    for tensor in list(root.parameters()) + list(root.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    floating = [t for t in inputs.tensors() if t.is_floating_point()]
+    if floating:
+        return floating[0].device, floating[0].dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _fxattn_module(net: Any, what: str) -> AttentionGraphModule:
+    module = unwrap(net)
+    if not isinstance(module, AttentionGraphModule):
+        raise NotTransformedError(
+            f"{what} needs a module returned by fxattn.transform, got "
+            f"{type(net).__name__}; call fxattn.transform(model, example_inputs) first"
+        )
+    return module
+
+
+def ssia_loss(net: nn.Module) -> torch.Tensor:
+    """The weighted SSIA loss of ``net``'s latest training-mode forward.
+
+    Add it to your task loss: ``loss = criterion(net(x), y) + fxattn.ssia_loss(net)``.
+    Works through DDP, DataParallel and ``torch.compile`` wrappers. For a module transformed
+    with ``ssia=False`` it is a zero scalar (so one training loop serves every arm).
+
+    Raises:
+        SSIALossUnavailableError: no training forward since the module was made or switched
+            to eval mode (eval forwards run no SSIA branch).
+    """
+    module = _fxattn_module(net, "ssia_loss")
+    ssia = getattr(module, SSIA_ROOT, None)
+    if ssia is None:
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        return torch.zeros((), device=device)
+    if ssia.latest is None:
+        raise SSIALossUnavailableError(
+            "no SSIA loss yet: call net.train() and run a forward pass first (eval-mode "
+            "forwards run no SSIA branch, and switching to eval clears the last loss)"
+        )
+    return ssia.latest
+
+
+def strip_ssia(net: nn.Module) -> fx.GraphModule:
+    """The lean inference model: ``net``'s evaluation graph with DIA and without SSIA.
+
+    Returns a new ``torch.fx.GraphModule`` in eval mode (``net`` is untouched) whose
+    ``state_dict`` keys are the original model's plus ``fxattn_dia.*``; the strip report is
+    in ``lean.meta["fxattn_strip"]``.
+    """
+    lean, _ = strip_pass(_fxattn_module(net, "strip_ssia"))
+    return lean
