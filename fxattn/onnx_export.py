@@ -62,7 +62,8 @@ class ExportReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        ops = ", ".join(f"{op} {n}" for op, n in sorted(self.op_counts.items(), key=lambda kv: -kv[1]))
+        by_count = sorted(self.op_counts.items(), key=lambda kv: -kv[1])
+        ops = ", ".join(f"{op} {n}" for op, n in by_count)
         lines = [
             f"ONNX model: {self.path} ({self.file_bytes / 1e6:.2f} MB, opset {self.opset}, "
             f"{self.exporter} exporter, {self.export_seconds:.2f} s)",
@@ -309,14 +310,15 @@ def verify_onnx(
     for batch in batch_sizes:
         batch_inputs = inputs.with_batch(batch, generator)
         with torch.no_grad():
-            expected = [t for t in tree_leaves(batch_inputs.call(module)) if isinstance(t, torch.Tensor)]
+            outputs = tree_leaves(batch_inputs.call(module))
+        expected = [t for t in outputs if isinstance(t, torch.Tensor)]
         actual = session.run(None, ort_feed(session, batch_inputs))
         if len(actual) != len(expected):
             raise VerificationError(
                 f"onnxruntime returned {len(actual)} outputs, PyTorch {len(expected)}"
             )
         for i, (got, want) in enumerate(zip(actual, expected, strict=True)):
-            want_np = want.detach().float().cpu().numpy() if want.is_floating_point() else want.cpu().numpy()
+            want_np = (want.detach().float() if want.is_floating_point() else want).cpu().numpy()
             if got.shape != want_np.shape:
                 raise VerificationError(
                     f"output {i} at batch {batch}: onnxruntime shape {got.shape}, "

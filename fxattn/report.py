@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich import box
+from rich.console import Console
 from rich.table import Table as _RichTable
 
 if TYPE_CHECKING:
@@ -50,7 +50,8 @@ def render_plan(plan: Plan) -> str:
             modules.add_row(spec.name, str(spec.channels), str(len(spec.sites)),
                             f"{spec.parameters:,}")
         share = 100.0 * plan.dia_parameters / max(plan.model_parameters, 1)
-        modules.add_row("total", "", str(len(plan.sites)), f"{plan.dia_parameters:,} (+{share:.2f}%)")
+        total = f"{plan.dia_parameters:,} (+{share:.2f}%)"
+        modules.add_row("total", "", str(len(plan.sites)), total)
         parts += [sites, modules]
     taps = Table(title="Taps (stage outputs, low to high)", title_justify="left")
     for column in ("tap", "node", "module path", "shape", "layout", "map grid"):

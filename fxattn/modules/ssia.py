@@ -89,7 +89,9 @@ class SSIALoss(nn.Module):
             m = m.reshape(m.shape[0], *tap.grid)
         return m
 
-    def _pair_loss(self, features: tuple[torch.Tensor, ...], i: int, pair: PairSpec) -> torch.Tensor:
+    def _pair_loss(
+        self, features: tuple[torch.Tensor, ...], i: int, pair: PairSpec
+    ) -> torch.Tensor:
         low_tap, high_tap = self.taps[pair.low], self.taps[pair.high]
         low, high = features[pair.low], features[pair.high]
         if self.map == "channel":
@@ -125,4 +127,7 @@ class SSIALoss(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return f"taps={len(self.taps)}, pairs={len(self.pairs)}, map={self.map}, weight={self.weight}"
+        return (
+            f"taps={len(self.taps)}, pairs={len(self.pairs)}, map={self.map}, "
+            f"weight={self.weight}"
+        )

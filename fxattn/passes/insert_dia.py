@@ -30,7 +30,9 @@ class DIAInsertReport:
     replaced: dict[str, str]  # stage-output node -> node that now carries its attended value
 
 
-def insert_dia(graph: fx.Graph, sites: list[Site], stateful: bool) -> tuple[fx.Graph, DIAInsertReport]:
+def insert_dia(
+    graph: fx.Graph, sites: list[Site], stateful: bool
+) -> tuple[fx.Graph, DIAInsertReport]:
     """Return a copy of ``graph`` with DIA calls at ``sites`` (``fxattn_dia.<module>``)."""
     new_graph = copy.deepcopy(graph)
     nodes = {node.name: node for node in new_graph.nodes}
@@ -58,8 +60,9 @@ def insert_dia(graph: fx.Graph, sites: list[Site], stateful: bool) -> tuple[fx.G
         if site.kind == "residual":
             nodes[site.node].replace_input_with(branch, attended)
         else:
-            own = set(new_nodes)
-            branch.replace_all_uses_with(attended, delete_user_cb=lambda user: user not in own)
+            branch.replace_all_uses_with(
+                attended, delete_user_cb=lambda user, own=frozenset(new_nodes): user not in own
+            )
             replaced[branch.name] = attended.name
     new_graph.lint()
     report = DIAInsertReport(

@@ -1,0 +1,154 @@
+"""Core guarantees of the pipeline (transform / strip / export) on torchvision and timm models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import assert_state_equal, state_snapshot
+from models import CifarResNet
+
+import fxattn
+from fxattn.graph_module import DIA_ROOT, SSIA_ROOT
+from fxattn.onnx_export import export_onnx
+from fxattn.tracing import ExampleInputs, trace_dual
+
+
+def _node_signature(graph: torch.fx.Graph) -> list[tuple[str, str, str, str]]:
+    return [(n.op, n.name, str(n.target), str(n.args)) for n in graph.nodes]
+
+
+IDENTITY_MODELS = {
+    "torchvision:resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 64),
+    "timm:convnext_tiny": (lambda: timm.create_model("convnext_tiny", num_classes=10), 64),
+    "timm:vit_tiny_patch16_224": (
+        lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10), 224),
+}
+
+
+@pytest.mark.parametrize("name", list(IDENTITY_MODELS))
+def test_ssia_only_strips_back_to_the_original_eval_graph(name: str, tmp_path: Path) -> None:
+    factory, size = IDENTITY_MODELS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(2, 3, size, size)
+    net = fxattn.transform(model, x, dia=False, ssia=True)
+    lean = fxattn.strip_ssia(net)
+
+    reference = trace_dual(model, ExampleInputs.from_user(x)).eval.graph
+    assert _node_signature(lean.graph) == _node_signature(reference)
+    with torch.no_grad():
+        assert torch.equal(lean(x), model(x))  # bitwise
+
+    original = export_onnx(model, tmp_path / "original.onnx", x)
+    stripped = export_onnx(lean, tmp_path / "lean.onnx", x)
+    original_ops = [n.op_type for n in onnx.load(original.path).graph.node]
+    stripped_ops = [n.op_type for n in onnx.load(stripped.path).graph.node]
+    assert stripped_ops == original_ops
+    assert set(lean.state_dict()) <= set(model.state_dict())
+
+
+def test_cifar_resnet164_dia_adds_exactly_218848_parameters() -> None:
+    model = CifarResNet(depth=164, num_classes=100)
+    assert sum(p.numel() for p in model.parameters()) == 1_727_284
+    x = torch.randn(2, 3, 32, 32)
+    net = fxattn.transform(model, x, dia=fxattn.DIA(reduction=4), ssia=False)
+    plan = net.plan
+    assert [m.channels for m in plan.dia_modules] == [64, 128, 256]
+    assert [len(m.sites) for m in plan.dia_modules] == [18, 18, 18]
+    assert plan.dia_parameters == 218_848
+    assert sum(p.numel() for p in net.parameters()) == 1_946_132
+    assert sum(p.numel() for p in fxattn.strip_ssia(net).parameters()) == 1_946_132
+
+
+def test_transform_and_training_leave_the_input_model_unchanged() -> None:
+    model = torchvision.models.resnet18(num_classes=10)
+    model.train()
+    snapshot = state_snapshot(model)
+    structure = [(n, type(m)) for n, m in model.named_modules()]
+    x = torch.randn(2, 3, 64, 64)
+    net = fxattn.transform(model, x)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        (net(x).sum() + fxattn.ssia_loss(net)).backward()
+        optimizer.step()
+    fxattn.strip_ssia(net)
+    assert_state_equal(model, snapshot)
+    assert [(n, type(m)) for n, m in model.named_modules()] == structure
+    assert model.training and all(m.training for m in model.modules())
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_original_weights_load_into_transformed_and_stripped_modules() -> None:
+    model = timm.create_model("resnet18", num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    net = fxattn.transform(model, x, ssia=fxattn.SSIA(map="channel"))
+    lean = fxattn.strip_ssia(net)
+    for module, extra_roots in ((net, (DIA_ROOT, SSIA_ROOT)), (lean, (DIA_ROOT,))):
+        result = module.load_state_dict(model.state_dict(), strict=False)
+        assert result.unexpected_keys == []
+        assert result.missing_keys
+        assert all(k.split(".")[0] in extra_roots for k in result.missing_keys)
+    assert any(k.startswith(SSIA_ROOT) for k in net.state_dict())  # channel-map projections
+    assert not any(k.startswith(SSIA_ROOT) for k in lean.state_dict())
+    model.eval()
+    lean.load_state_dict(model.state_dict(), strict=False)
+    assert torch.equal(net.conv1.weight, model.conv1.weight)
+
+
+def test_eval_mode_runs_no_ssia_and_forward_is_drop_in() -> None:
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    net = fxattn.transform(model, x)
+    calls: list[int] = []
+    getattr(net, SSIA_ROOT).register_forward_hook(lambda *_: calls.append(1))
+    net.train()
+    net(x)
+    assert calls == [1]
+    net.eval()
+    out = net(x)
+    assert calls == [1]
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
+    with pytest.raises(fxattn.SSIALossUnavailableError):
+        fxattn.ssia_loss(net)
+
+
+class TupleDictModel(torch.nn.Module):
+    """Returns a dict holding a tuple: the transformed forward must return the same structure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torchvision.models.resnet18(num_classes=4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        logits = self.body(x)
+        return {"out": (logits, logits.softmax(-1))}
+
+
+def test_output_structure_is_preserved() -> None:
+    model = TupleDictModel().eval()
+    x = torch.randn(2, 3, 64, 64)
+    net = fxattn.transform(model, x, dia=False).eval()
+    out = net(x)
+    assert isinstance(out, dict) and isinstance(out["out"], tuple)
+    assert torch.equal(out["out"][0], model(x)["out"][0])
+
+
+def test_share_modes_and_se_change_the_module_layout() -> None:
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    stage = fxattn.inspect(model, x, dia=fxattn.DIA(share="stage"), ssia=False)
+    per_site = fxattn.inspect(model, x, dia=fxattn.DIA(share="none"), ssia=False)
+    se = fxattn.inspect(model, x, dia=fxattn.DIA(module="se", reduction=8), ssia=False)
+    assert len(stage.dia_modules) == 4 and len(per_site.dia_modules) == 8
+    c = 64
+    assert se.dia_modules[0].parameters == c * (c // 8) + c // 8 + (c // 8) * c + c
+    net = fxattn.transform(model, x, dia=fxattn.DIA(module="se", reduction=8), ssia=False)
+    assert sum(p.numel() for n, p in net.named_parameters() if n.startswith(DIA_ROOT)) == (
+        se.dia_parameters
+    )
