@@ -27,6 +27,7 @@ from .errors import (
     VerificationError,
 )
 from .graph_module import AttentionGraphModule
+from .serialization import Checkpoint, load, load_checkpoint, save
 from .tracing import TraceOptions
 from .transform import inspect, ssia_loss, strip_ssia, transform
 
@@ -38,6 +39,7 @@ __all__ = [
     "AlreadyTransformedError",
     "AnalysisError",
     "AttentionGraphModule",
+    "Checkpoint",
     "CheckpointError",
     "ConfigError",
     "ExportError",
@@ -51,6 +53,9 @@ __all__ = [
     "TraceOptions",
     "VerificationError",
     "inspect",
+    "load",
+    "load_checkpoint",
+    "save",
     "ssia_loss",
     "strip_ssia",
     "transform",

@@ -12,21 +12,42 @@ File format (``.fxattn``, read with ``torch.load(weights_only=True)``): a dict o
       "dia": {...} | None, "ssia": {...} | None,      # the options of fxattn.DIA / fxattn.SSIA
       "state_dict": {...},                            # tensors only
       "training": bool,
-      "extra": {...}                                  # e.g. optimizer state, step counter
+      "extra": {...},                                 # your own plain data (epoch, metrics)
+      "optimizer": {...} | None,                      # optimizer.state_dict()
+      "scheduler": {...} | None,                      # lr_scheduler.state_dict()
+      "step": int | None,                             # the training step counter
+      "rng": {"torch": ByteTensor, "cuda": [...], "python": (...), "numpy": {...}} | None
     }
 
 Loading rebuilds the architecture (from ``model_spec``, or from the ``model`` you pass), runs
 :func:`fxattn.transform` with the recorded options, and loads the state dict strictly.
+
+A *training checkpoint* is the same file with the optimizer (and scheduler, step counter and
+RNG states) filled in. Resuming is two calls, because an optimizer must be built over the
+parameters of the module it updates::
+
+    net = fxattn.transform(model, example)                 # or fxattn.load(path, model=model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    ckpt = fxattn.load_checkpoint(path, net, optimizer=opt)  # weights, momentum, RNG, step
+    start = ckpt.step + 1
+
+Every value is checked when saving, so a file that ``fxattn.save`` writes always loads with
+``weights_only=True``: the check names the offending key instead of failing at resume time.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import random
 import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +60,114 @@ _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, tor
                                torch.int64, torch.int32, torch.bool, torch.uint8)}
 
 
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+          torch.Size)
+
+
+class _Stateful(Protocol):
+    """Anything with ``state_dict`` / ``load_state_dict``: optimizers and LR schedulers."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` restored, and the plain data saved beside the weights.
+
+    Attributes:
+        path: the file read.
+        step: the step counter given to :func:`save` (``None`` when none was).
+        extra: the ``extra`` dict given to :func:`save`.
+        restored: which parts were loaded: a subset of ``{"model", "optimizer", "scheduler",
+            "rng"}``.
+    """
+
+    path: Path
+    step: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    restored: tuple[str, ...] = ()
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse values ``torch.load(weights_only=True)`` would not read back (e.g. lambdas).
+
+    Checking at save time turns a resume that fails days later into an error now, naming the
+    key that holds the offending object.
+    """
+    if isinstance(value, torch.Tensor):
+        if type(value) not in (torch.Tensor, nn.Parameter):
+            raise CheckpointError(
+                f"{where} is a tensor subclass ({type(value).__name__}); store a plain tensor "
+                "(.detach().clone()) so the file loads with weights_only=True"
+            )
+        return
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, (dict, OrderedDict)):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise CheckpointError(
+                    f"{where} has a key of type {type(key).__name__}; use str or int keys"
+                )
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    raise CheckpointError(
+        f"{where} holds a {type(value).__module__}.{type(value).__qualname__}, which a safe "
+        "(weights_only=True) load cannot read; keep checkpoints to tensors, numbers, strings, "
+        "lists and dicts"
+    )
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (CPU and, when initialised, CUDA), Python and NumPy RNG states, as plain data."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": _tuples_to_lists(random.getstate()),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "cuda": [],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only where devices match)."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": numpy_state["bit_generator"],
+        "state": {"key": numpy_state["key"].numpy().astype(np.uint32),
+                  "pos": numpy_state["pos"]},
+        "has_gauss": numpy_state["has_gauss"],
+        "gauss": numpy_state["gauss"],
+    })
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _tuples_to_lists(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_tuples_to_lists(v) for v in value]
+    return value
+
+
 def save(
     net: nn.Module,
     path: str | os.PathLike[str],
@@ -47,9 +176,29 @@ def save(
     model_spec: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    optimizer: _Stateful | None = None,
+    scheduler: _Stateful | None = None,
+    step: int | None = None,
+    rng: bool = False,
     overwrite: bool = True,
 ) -> Path:
-    """Write ``net`` (a transformed or stripped fxattn module) to ``path`` atomically."""
+    """Write ``net`` (a transformed or stripped fxattn module) to ``path`` atomically.
+
+    Args:
+        net: the module, or a DDP / ``torch.compile`` wrapper around it.
+        path: the file to write (replaced atomically: a crash never leaves half a file).
+        example_inputs: the batch ``net`` was transformed with (shapes and dtypes are kept to
+            re-trace on load).
+        model_spec / model_kwargs: how to rebuild the architecture without code (CLI specs).
+        extra: your own plain data (epoch, best metric, ...), returned by
+            :func:`load_checkpoint`.
+        optimizer / scheduler: saved with their ``state_dict()`` so training resumes
+            identically (momentum buffers, Adam moments, LR schedule position).
+        step: the training step counter.
+        rng: also store the torch / Python / NumPy RNG states (needed for an identical resume
+            when the loop draws random numbers: dropout, augmentation, shuffling).
+        overwrite: replace an existing file.
+    """
     from .tracing import ExampleInputs
 
     module = unwrap(net)
@@ -77,7 +226,13 @@ def save(
         "state_dict": dict(module.state_dict()),
         "training": bool(module.training),
         "extra": dict(extra or {}),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "step": None if step is None else int(step),
+        "rng": rng_state() if rng else None,
     }
+    for key in ("extra", "optimizer", "scheduler"):
+        _check_plain(payload[key], key)
     with atomic_path(target, ".tmp") as tmp:
         torch.save(payload, tmp)
     return target
@@ -146,3 +301,62 @@ def load(
         ) from None
     net.train(payload["kind"] == "transformed" and bool(payload["training"]))
     return net
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    net: nn.Module,
+    optimizer: _Stateful | None = None,
+    scheduler: _Stateful | None = None,
+    *,
+    restore_rng: bool = True,
+) -> Checkpoint:
+    """Resume training: load a file written by :func:`save` into an existing module.
+
+    ``net`` is the module you train (made by :func:`fxattn.transform` with the same options,
+    or by :func:`load`; a DDP / compiled wrapper is fine); ``optimizer`` and ``scheduler`` must
+    be built over ``net``'s parameters, as in the run that saved the file. Weights are loaded
+    strictly, then the optimizer and scheduler states, then (if saved and ``restore_rng``) the
+    RNG states. The file is read with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: the file is unsafe, corrupt, of another architecture, or lacks the
+            optimizer / scheduler state you asked to restore.
+    """
+    payload = read(path)
+    module = unwrap(net)
+    restored = ["model"]
+    try:
+        module.load_state_dict(payload["state_dict"], strict=True)
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} does not match this module: {str(exc).strip().splitlines()[0]}; "
+            "transform the same architecture with the same DIA/SSIA options"
+        ) from None
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if target is None:
+            continue
+        state = payload.get(name)
+        if state is None:
+            raise CheckpointError(
+                f"{path} holds no {name} state; it was saved without {name}=..., so training "
+                f"cannot resume identically (drop the {name} argument to load weights only)"
+            )
+        try:
+            target.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"the {name} state in {path} does not fit this {name}: "
+                f"{str(exc).strip().splitlines()[0]}; build it over net.parameters() with the "
+                "same parameter groups as the run that saved it"
+            ) from None
+        restored.append(name)
+    if restore_rng and payload.get("rng") is not None:
+        set_rng_state(payload["rng"])
+        restored.append("rng")
+    return Checkpoint(
+        path=Path(path),
+        step=payload.get("step"),
+        extra=dict(payload.get("extra") or {}),
+        restored=tuple(restored),
+    )
