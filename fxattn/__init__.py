@@ -27,6 +27,7 @@ from .errors import (
     VerificationError,
 )
 from .graph_module import AttentionGraphModule
+from .onnx_export import ExportReport, export_onnx
 from .serialization import Checkpoint, load, load_checkpoint, save
 from .tracing import TraceOptions
 from .transform import inspect, ssia_loss, strip_ssia, transform
@@ -39,6 +40,7 @@ __all__ = [
     "AlreadyTransformedError",
     "AnalysisError",
     "AttentionGraphModule",
+    "ExportReport",
     "Checkpoint",
     "CheckpointError",
     "ConfigError",
@@ -52,6 +54,7 @@ __all__ = [
     "TraceError",
     "TraceOptions",
     "VerificationError",
+    "export_onnx",
     "inspect",
     "load",
     "load_checkpoint",
