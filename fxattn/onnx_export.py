@@ -178,6 +178,7 @@ def export_onnx(
     atol: float = 1e-4,
     overwrite: bool = True,
     seed: int = 0,
+    dia_weights: str | None = None,
 ) -> ExportReport:
     """Export ``module`` to ``path`` as ONNX with a dynamic batch and verify it in onnxruntime.
 
@@ -193,6 +194,9 @@ def export_onnx(
             ``"torchscript"``.
         verify: compare onnxruntime with PyTorch at ``batch_sizes`` (two sizes, not only 1).
         atol: maximum absolute error allowed (default 1e-4 for fp32).
+        dia_weights: ``"fp16"``, ``"int8"`` or ``"int4"`` stores only DIA's matrices at lower
+            precision (see :mod:`fxattn.lowp`); verification then uses that mode's looser
+            tolerance (``fxattn.lowp.LOWP_ATOL``) when it exceeds ``atol``.
 
     Raises:
         ExportError: the path cannot be written or no exporter could export the module.
@@ -241,6 +245,11 @@ def export_onnx(
             onnx.checker.check_model(str(tmp), full_check=True)
         except Exception as exc:  # noqa: BLE001
             raise ExportError(f"the exported model fails onnx.checker: {_first_line(exc)}") from exc
+        if dia_weights not in (None, "fp32"):
+            from .lowp import apply_dia_weights, tolerance
+
+            notes.append(apply_dia_weights(tmp, dia_weights))
+            atol = tolerance(dia_weights, atol)
         model_proto = onnx.load(str(tmp))
         abs_err = rel_err = 0.0
         if verify:

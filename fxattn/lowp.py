@@ -1,0 +1,350 @@
+"""Low-precision DIA weights in an exported ONNX model (``export_onnx(..., dia_weights=...)``).
+
+At batch 1 on a CPU, DIA's cost is *reading its matrices*: the shared cell runs at every site of
+its group, so ResNet-50 with r=4 reads ~200 MB of fp32 DIA weights per image. The convolutions
+are compute-bound; the DIA matmuls are matrix-vector products bound by memory bandwidth. Only
+fewer bytes per weight move that cost, so this module stores *only DIA's matrices* at lower
+precision and leaves every other weight of the model as it was:
+
+``"int8"`` / ``"int4"``
+    onnxruntime's weight-only block quantiser
+    (:class:`onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`): each DIA
+    ``MatMul`` becomes a ``com.microsoft.MatMulNBits`` whose weight is stored as 8- or 4-bit
+    integers with one fp32 scale per block of ``block_size`` input rows (symmetric), and is
+    dequantised inside the kernel - the matrix is read at 1/4 or 1/8 of its fp32 bytes.
+    ``accuracy_level=4`` (the default here) lets the kernel quantise the activation row to int8
+    and use integer dot products; without it the int8 kernel dequantises to fp32 and is slower
+    than the fp32 matmul it replaces (measured in ``benchmarks/results/latency.md``).
+``"fp16"``
+    DIA's matrices stored as fp16 initializers followed by a ``Cast`` to fp32. This halves the
+    file, but onnxruntime's constant folding turns ``Cast(initializer)`` back into an fp32
+    initializer when the session is created, so the runtime reads the same bytes as fp32 (the
+    benchmark shows no latency gain; it is a storage option).
+
+The exporters write DIA's ``nn.Linear`` layers as ``Gemm(x, W, b, transB=1)`` whose ``W`` is
+shared by every site of a group. onnxruntime's quantiser handles only ``MatMul`` with a
+``(K, N)`` weight, so :func:`gemm_to_matmul` first rewrites each DIA ``Gemm`` into
+``MatMul(x, W^T) + b`` with one transposed copy of each shared weight. The quantiser then
+quantises a shared weight once per node that uses it (with identical results), so duplicate
+initializers are merged afterwards (:func:`_dedupe_initializers`).
+
+:func:`fold_initial_state` is the compiler option the SPEC names: at the first site of a group
+``h = c = 0``, so the hidden path there is the constant ``Wh2 ReLU(bh1) + bh2`` and ``f * c``
+vanishes. It propagates the known zeros through the graph and folds what becomes constant.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ExportError
+
+DIA_PREFIX = "fxattn_dia."
+DIA_WEIGHT_MODES = ("fp32", "fp16", "int8", "int4")
+
+#: verification tolerance (max abs error vs PyTorch fp32) per mode; documented in the results.
+#: Weight-only quantisation error grows with the logit scale; these bounds hold with margin for
+#: randomly initialised torchvision/timm classifiers and the CIFAR models of the tests.
+LOWP_ATOL = {"fp32": 1e-4, "fp16": 1e-2, "int8": 5e-2, "int4": 2e-1}
+
+
+def _initializers(model: Any) -> dict[str, Any]:
+    return {init.name: init for init in model.graph.initializer}
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    import onnx
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def dia_matrix_names(model: Any, prefix: str = DIA_PREFIX) -> list[str]:
+    """Names of the 2-D initializers (matrices) whose name starts with ``prefix``."""
+    return [i.name for i in model.graph.initializer
+            if i.name.startswith(prefix) and len(i.dims) == 2]
+
+
+def gemm_to_matmul(model: Any, prefix: str = DIA_PREFIX) -> int:
+    """Rewrite ``Gemm(x, W, b, transB=1)`` on DIA weights into ``MatMul(x, W^T) + b`` in place.
+
+    Each shared ``W`` gets one transposed initializer ``<W>.T``; the original is removed when
+    nothing else uses it. Returns the number of rewritten nodes.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    transposed: dict[str, str] = {}
+    new_nodes = []
+    rewritten = 0
+    for index, node in enumerate(model.graph.node):
+        weight = node.input[1] if node.op_type == "Gemm" and len(node.input) > 1 else ""
+        plain = (
+            weight.startswith(prefix)
+            and weight in inits
+            and _attr(node, "alpha", 1.0) == 1.0
+            and _attr(node, "beta", 1.0) == 1.0
+            and _attr(node, "transA", 0) == 0
+        )
+        if not plain:
+            new_nodes.append(node)
+            continue
+        trans_b = _attr(node, "transB", 0)
+        name = weight
+        if trans_b:
+            if weight not in transposed:
+                array = numpy_helper.to_array(inits[weight]).T.copy()
+                transposed[weight] = f"{weight}.T"
+                model.graph.initializer.append(numpy_helper.from_array(array, transposed[weight]))
+            name = transposed[weight]
+        out = node.output[0]
+        base = f"fxattn_lowp/{index}"
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        mm_out = f"{out}__matmul" if has_bias else out
+        new_nodes.append(onnx.helper.make_node("MatMul", [node.input[0], name], [mm_out],
+                                               name=f"{base}/MatMul"))
+        if has_bias:
+            new_nodes.append(onnx.helper.make_node("Add", [mm_out, node.input[2]], [out],
+                                                   name=f"{base}/Add"))
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    _remove_unused_initializers(model)
+    return rewritten
+
+
+def _used_names(model: Any) -> set[str]:
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {out.name for out in model.graph.output}
+    return used
+
+
+def _remove_unused_initializers(model: Any) -> None:
+    used = _used_names(model)
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def _dedupe_initializers(model: Any) -> None:
+    seen: set[str] = set()
+    keep = []
+    for init in model.graph.initializer:
+        if init.name not in seen:
+            seen.add(init.name)
+            keep.append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def quantize_dia_nbits(
+    model: Any,
+    bits: int,
+    block_size: int = 32,
+    accuracy_level: int | None = 4,
+    prefix: str = DIA_PREFIX,
+) -> Any:
+    """Weight-only ``bits``-bit quantisation of DIA's matmuls with onnxruntime's quantiser."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    gemm_to_matmul(model, prefix)
+    targets = [
+        node.name for node in model.graph.node
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1].startswith(prefix)
+    ]
+    if not targets:
+        raise ExportError(f"no DIA matrices (initializers named {prefix}*) to quantise; "
+                          "dia_weights needs a model transformed with DIA")
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=accuracy_level,
+        nodes_to_include=targets,
+    )
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.WARNING)  # it logs one INFO line per node it skips
+    try:
+        quantizer.process()
+    finally:
+        log.setLevel(level)
+    quantized = quantizer.model.model
+    _dedupe_initializers(quantized)
+    _remove_unused_initializers(quantized)
+    return quantized
+
+
+def dia_to_fp16(model: Any, prefix: str = DIA_PREFIX) -> Any:
+    """Store DIA's matrices as fp16 initializers, each followed by one ``Cast`` to fp32."""
+    import onnx
+    from onnx import numpy_helper
+
+    names = set(dia_matrix_names(model, prefix))
+    if not names:
+        raise ExportError(f"no DIA matrices (initializers named {prefix}*) to convert to fp16")
+    casts = []
+    for init in model.graph.initializer:
+        if init.name in names:
+            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16),
+                                           f"{init.name}__fp16")
+            init.CopyFrom(half)
+            casts.append(onnx.helper.make_node("Cast", [half.name], [half.name[: -len("__fp16")]],
+                                               to=onnx.TensorProto.FLOAT,
+                                               name=f"fxattn_lowp/cast/{half.name}"))
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def fold_initial_state(model: Any) -> int:
+    """Fold DIA's zero initial state: the first site's hidden path becomes a constant.
+
+    A tensor is *known zero* when it comes from ``Expand`` of a zero scalar or ``ConstantOfShape``
+    with value 0 (how ``torch.zeros_like`` exports). Zeros propagate through ``Mul`` (anything
+    times zero), ``Add`` (zero plus x is x), ``Relu``; a ``Gemm``/``MatMul`` of a zero or
+    constant row with constant weights becomes a constant row ``(1, N)`` that broadcasts over
+    the batch in the ``Add`` that follows. Returns the number of nodes removed.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inits = _initializers(model)
+    consts: dict[str, np.ndarray] = {n: numpy_helper.to_array(t) for n, t in inits.items()}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(_attr(node, "value", None))
+    zeros: set[str] = set()
+    rows: dict[str, np.ndarray] = {}  # batch-independent rows (1, N)
+    alias: dict[str, str] = {}
+    removed = 0
+    new_nodes = []
+
+    def resolve(name: str) -> str:
+        while name in alias:
+            name = alias[name]
+        return name
+
+    for node in model.graph.node:
+        node.input[:] = [resolve(i) for i in node.input]
+        ins = list(node.input)
+        op = node.op_type
+        out = node.output[0] if node.output else ""
+        if op == "Expand" and ins[0] in consts and not np.any(consts[ins[0]]):
+            zeros.add(out)
+        elif op == "ConstantOfShape" and not np.any(
+            numpy_helper.to_array(_attr(node, "value", None)) if _attr(node, "value", None)
+            is not None else 0.0
+        ):
+            zeros.add(out)
+        elif op in ("Gemm", "MatMul") and (ins[0] in zeros or ins[0] in rows) and ins[1] in consts:
+            a = rows.get(ins[0])
+            weight = consts[ins[1]]
+            if op == "Gemm" and _attr(node, "transB", 0):
+                weight = weight.T
+            value = np.zeros((1, weight.shape[0]), np.float32) if a is None else a
+            value = value @ weight
+            if op == "Gemm" and len(ins) > 2 and ins[2]:
+                value = value + consts[ins[2]]
+            rows[out] = value.astype(np.float32)
+            removed += 1
+            continue
+        elif op == "Relu" and ins[0] in rows:
+            rows[out] = np.maximum(rows[ins[0]], 0)
+            removed += 1
+            continue
+        elif op == "Relu" and ins[0] in zeros:
+            zeros.add(out)
+            removed += 1
+            continue
+        elif op == "Mul" and any(i in zeros for i in ins):
+            zeros.add(out)
+            removed += 1
+            continue
+        elif op == "Add" and len(ins) == 2 and any(i in zeros for i in ins):
+            other = ins[1] if ins[0] in zeros else ins[0]
+            if other in zeros:
+                zeros.add(out)
+            else:
+                alias[out] = other
+            removed += 1
+            continue
+        new_nodes.append(node)
+    # materialise constant rows that are still used
+    used = {i for node in new_nodes for i in node.input}
+    for name, value in rows.items():
+        if name in used:
+            model.graph.initializer.append(numpy_helper.from_array(value, name))
+    for out in model.graph.output:
+        if out.name in alias or out.name in zeros or out.name in rows:
+            raise ExportError(f"cannot fold the initial state: graph output {out.name} is constant")
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    _remove_dead_nodes(model)
+    _remove_unused_initializers(model)
+    onnx.checker.check_model(model)
+    return removed
+
+
+def _remove_dead_nodes(model: Any) -> None:
+    needed = {out.name for out in model.graph.output}
+    keep = []
+    for node in reversed(list(model.graph.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(keep))
+
+
+def apply_dia_weights(
+    path: str | Path,
+    mode: str,
+    *,
+    fold_state: bool = False,
+    block_size: int = 32,
+    accuracy_level: int | None = 4,
+    prefix: str = DIA_PREFIX,
+) -> str:
+    """Rewrite the ONNX file at ``path`` in place; return a one-line note of what was done."""
+    import onnx
+
+    if mode not in DIA_WEIGHT_MODES:
+        raise ExportError(f"dia_weights={mode!r} is not one of {', '.join(DIA_WEIGHT_MODES)}")
+    model = onnx.load(str(path))
+    before = sum(int(np.prod(i.dims)) * 4 for i in model.graph.initializer
+                 if i.name in set(dia_matrix_names(model, prefix)))
+    parts = []
+    if fold_state:
+        parts.append(f"folded the zero initial state ({fold_initial_state(model)} nodes removed)")
+    if mode in ("int8", "int4"):
+        model = quantize_dia_nbits(model, 8 if mode == "int8" else 4, block_size,
+                                   accuracy_level, prefix)
+        parts.append(f"DIA matrices stored as {mode} MatMulNBits (block {block_size}, symmetric"
+                     + (f", accuracy_level {accuracy_level}" if accuracy_level else "") + ")")
+    elif mode == "fp16":
+        model = dia_to_fp16(model, prefix)
+        parts.append("DIA matrices stored as fp16 (+ Cast)")
+    onnx.save(model, str(path))
+    after = Path(path).stat().st_size
+    parts.append(f"fp32 DIA matrices were {before / 1e6:.1f} MB; file now {after / 1e6:.1f} MB")
+    return "; ".join(parts)
+
+
+def tolerance(mode: str, atol: float) -> float:
+    """The verification tolerance of ``mode``: the looser of ``atol`` and :data:`LOWP_ATOL`."""
+    return max(atol, LOWP_ATOL.get(mode, atol))
+
+
+def op_types(model: Any) -> Iterable[str]:
+    return (node.op_type for node in model.graph.node)
