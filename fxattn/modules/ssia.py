@@ -14,8 +14,12 @@ resize changes the number of positions and so the norm). ``map="channel"`` compa
 normalised channel descriptors ``GAP(F)`` instead, through a training-only linear projection
 from the higher tap's channels to the lower's.
 
-The module stores the loss of the latest forward in :attr:`latest`; it exists only in the
-training graph, so eval-mode forwards never run it and :func:`fxattn.strip_ssia` drops it.
+Two kinds of nodes carry it in the training graph: a :class:`TapMap` right after each tap
+(``fxattn_ssia.maps.<i>``) reduces the tap to its small attention map at once - so an in-place
+op that later reuses the tap's storage cannot corrupt it - and :class:`SSIALoss`
+(``fxattn_ssia``), just before the output, compares the maps and stores the loss of the latest
+forward in :attr:`SSIALoss.latest`. Eval-mode forwards never run either, and
+:func:`fxattn.strip_ssia` drops both.
 """
 
 from __future__ import annotations
@@ -53,12 +57,41 @@ def attention_map(
     return magnitude
 
 
+def channel_descriptor(feature: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``GAP(F)``: ``(B, C)`` in fp32."""
+    dims = [d for d in range(1, feature.dim()) if d != channel_dim]
+    feature = feature.float()
+    return feature.mean(dim=dims) if dims else feature
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.flatten(1), dim=1)
 
 
+class TapMap(nn.Module):
+    """Reduces one tap to what SSIA compares: its attention map (or channel descriptor)."""
+
+    def __init__(self, tap: TapSpec, p: float = 2.0, map: str = "spatial") -> None:
+        super().__init__()
+        self.tap = tap
+        self.p = float(p)
+        self.map = map
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        if self.map == "channel":
+            return channel_descriptor(feature, self.tap.channel_dim)
+        m = attention_map(feature, self.tap.channel_dim, self.p, self.tap.skip_tokens)
+        grid = self.tap.grid
+        if grid is not None and m.dim() == 2 and len(grid) == 2:
+            m = m.reshape(m.shape[0], *grid)
+        return m
+
+    def extra_repr(self) -> str:
+        return f"map={self.map}, channel_dim={self.tap.channel_dim}, grid={self.tap.grid}"
+
+
 class SSIALoss(nn.Module):
-    """Computes the SSIA loss of one training forward from the tap features."""
+    """Compares the tap maps of one training forward and keeps the weighted loss."""
 
     _is_impure = True  # its output is unused in the graph; keep it through dead-code passes
 
@@ -75,59 +108,41 @@ class SSIALoss(nn.Module):
         self.taps = list(taps)
         self.pairs = list(pairs)
         self.weight = float(weight)
-        self.p = float(p)
         self.map = map
         self.latest: torch.Tensor | None = None
+        self.maps = nn.ModuleList(TapMap(tap, p, map) for tap in taps)
         if map == "channel":
             self.projections = nn.ModuleList(
                 nn.Linear(taps[pair.high].channels, taps[pair.low].channels) for pair in pairs
             )
 
-    def _spatial_map(self, feature: torch.Tensor, tap: TapSpec) -> torch.Tensor:
-        m = attention_map(feature, tap.channel_dim, self.p, tap.skip_tokens)
-        if tap.grid is not None and m.dim() == 2 and len(tap.grid) == 2:
-            m = m.reshape(m.shape[0], *tap.grid)
-        return m
-
-    def _pair_loss(
-        self, features: tuple[torch.Tensor, ...], i: int, pair: PairSpec
-    ) -> torch.Tensor:
-        low_tap, high_tap = self.taps[pair.low], self.taps[pair.high]
-        low, high = features[pair.low], features[pair.high]
+    def _pair_loss(self, maps: tuple[torch.Tensor, ...], i: int, pair: PairSpec) -> torch.Tensor:
+        low, high = maps[pair.low], maps[pair.high].detach()
         if self.map == "channel":
-            student = _unit(low.float().mean(dim=[d for d in range(1, low.dim())
-                                                   if d != low_tap.channel_dim]))
-            descriptor = high.detach().float().mean(
-                dim=[d for d in range(1, high.dim()) if d != high_tap.channel_dim]
-            )
-            teacher = _unit(self.projections[i](descriptor.to(self.projections[i].weight.dtype))
-                            .float())
+            projection = self.projections[i]
+            teacher = projection(high.to(projection.weight.dtype)).float()
         else:
-            student = _unit(self._spatial_map(low, low_tap))
-            target = self._spatial_map(high.detach(), high_tap)
-            if pair.resize and low_tap.grid is not None:
-                target = F.interpolate(
-                    target.unsqueeze(1), size=low_tap.grid, mode="bilinear", align_corners=False
+            teacher = high
+            grid = self.taps[pair.low].grid
+            if pair.resize and grid is not None:
+                teacher = F.interpolate(
+                    teacher.unsqueeze(1), size=grid, mode="bilinear", align_corners=False
                 ).squeeze(1)
-            teacher = _unit(target)
-        return (student - teacher).pow(2).sum(dim=1).mean()
+        return (_unit(low) - _unit(teacher)).pow(2).sum(dim=1).mean()
 
-    def forward(self, *features: torch.Tensor) -> torch.Tensor:
-        total = features[0].new_zeros((), dtype=torch.float32)
+    def forward(self, *maps: torch.Tensor) -> torch.Tensor:
+        """``maps``: the outputs of ``self.maps[i]`` for every tap, low to high."""
+        total = maps[0].new_zeros((), dtype=torch.float32)
         for i, pair in enumerate(self.pairs):
-            total = total + self._pair_loss(features, i, pair)
+            total = total + self._pair_loss(maps, i, pair)
         self.latest = total * self.weight
         return self.latest
 
     def __getstate__(self) -> dict[str, Any]:
         # The latest loss holds an autograd graph: never copy or pickle it.
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
+        state = dict(super().__getstate__())
         state["latest"] = None
         return state
 
     def extra_repr(self) -> str:
-        return (
-            f"taps={len(self.taps)}, pairs={len(self.pairs)}, map={self.map}, "
-            f"weight={self.weight}"
-        )
+        return f"pairs={len(self.pairs)}, map={self.map}, weight={self.weight}"

@@ -1,7 +1,8 @@
 """Insert the SSIA branch into the *training* graph.
 
-One ``call_module`` node, ``fxattn_ssia(tap_0, ..., tap_n)``, placed just before the output:
-it computes the loss from the stage outputs and stores it on the module for
+Right after each tap, ``fxattn_ssia.maps.<i>(tap)`` reduces it to its attention map (small,
+and immune to in-place ops that later reuse the tap's storage); just before the output,
+``fxattn_ssia(map_0, ..., map_n)`` computes the loss and stores it for
 :func:`fxattn.ssia_loss`. The graph's output is untouched, so the transformed model returns
 exactly what the original returned.
 """
@@ -28,7 +29,7 @@ class SSIAInsertReport:
 def insert_ssia(
     graph: fx.Graph, taps: list[Tap], replaced: dict[str, str] | None = None
 ) -> tuple[fx.Graph, SSIAInsertReport]:
-    """Return a copy of ``graph`` whose forward also runs ``fxattn_ssia`` on the taps.
+    """Return a copy of ``graph`` whose forward also computes the SSIA loss from the taps.
 
     ``replaced`` maps a tap that DIA re-routed (stage-output sites) to the node carrying the
     attended value, so SSIA sees the same features as the rest of the network.
@@ -36,10 +37,18 @@ def insert_ssia(
     replaced = replaced or {}
     new_graph = copy.deepcopy(graph)
     nodes = {node.name: node for node in new_graph.nodes}
-    features = tuple(nodes[replaced.get(tap.node, tap.node)] for tap in taps)
+    features = [nodes[replaced.get(tap.node, tap.node)] for tap in taps]
+    maps = []
+    for i, feature in enumerate(features):
+        with new_graph.inserting_before(feature.next):
+            node = new_graph.call_module(f"{SSIA_ROOT}.maps.{i}", (feature,))
+        node.meta[FXATTN_META] = "ssia"
+        maps.append(node)
     output = next(iter(new_graph.find_nodes(op="output")))
     with new_graph.inserting_before(output):
-        call = new_graph.call_module(SSIA_ROOT, features)
-    call.meta[FXATTN_META] = "ssia"
+        loss = new_graph.call_module(SSIA_ROOT, tuple(maps))
+    loss.meta[FXATTN_META] = "ssia"
     new_graph.lint()
-    return new_graph, SSIAInsertReport(taps=tuple(n.name for n in features), inserted_nodes=1)
+    return new_graph, SSIAInsertReport(
+        taps=tuple(n.name for n in features), inserted_nodes=len(maps) + 1
+    )

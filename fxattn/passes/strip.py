@@ -29,7 +29,7 @@ class StripReport:
 def strip_pass(net: AttentionGraphModule) -> tuple[fx.GraphModule, StripReport]:
     graph = copy.deepcopy(net.eval_graph)
     for node in list(graph.nodes):  # defensive: an eval graph never holds SSIA nodes
-        if node.meta.get(FXATTN_META) == "ssia" or node.target == SSIA_ROOT:
+        if node.meta.get(FXATTN_META) == "ssia" or str(node.target).startswith(SSIA_ROOT):
             graph.erase_node(node)
     lean = copy.deepcopy(fx.GraphModule(net, graph, class_name=type(net).__name__))
     lean.eval()
