@@ -11,6 +11,7 @@ SSIA for deployment; export a lean ONNX model verified in onnxruntime; benchmark
 """
 
 from .analysis import Plan
+from .bench import BenchmarkResult, benchmark
 from .config import DIA, SSIA
 from .errors import (
     AlreadyTransformedError,
@@ -40,6 +41,7 @@ __all__ = [
     "AlreadyTransformedError",
     "AnalysisError",
     "AttentionGraphModule",
+    "BenchmarkResult",
     "ExportReport",
     "Checkpoint",
     "CheckpointError",
@@ -54,6 +56,7 @@ __all__ = [
     "TraceError",
     "TraceOptions",
     "VerificationError",
+    "benchmark",
     "export_onnx",
     "inspect",
     "load",

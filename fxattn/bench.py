@@ -1,17 +1,39 @@
-"""Latency measurement: interleaved A/B runs in one process (see the README's benchmark notes).
+"""The benchmark protocol: interleaved A/B latency, training step time and peak memory.
 
 Interleaving (A, B, A, B, ...) makes a *ratio* hold on a noisy machine: both sides see the
 same background load. onnxruntime sessions are created with ``allow_spinning = 0`` so an idle
-session's worker threads do not steal cores from the one being timed.
+session's worker threads do not steal cores from the one being timed (with several sessions
+alive in one process on 2 cores, spinning idle sessions roughly doubled ResNet-50's latency).
+
+:func:`benchmark` compares an original model with its lean fxattn version (and optional extra
+models, e.g. a hand-written reference, and low-precision DIA exports) in PyTorch eager and in
+onnxruntime, at several batch sizes, and returns a :class:`BenchmarkResult` that writes JSON,
+Markdown and a PNG plot. :func:`train_step_benchmark` times interleaved training steps.
+:func:`peak_step_memory` measures the peak resident memory of training steps (see its docstring
+for why RSS, and how it is made honest).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
+import os
+import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, InputError
+
+ENGINES = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -54,10 +76,15 @@ def interleaved(
     warmup: int = 5,
     progress: Callable[[], None] | None = None,
 ) -> dict[str, LatencyStats]:
-    """Time each callable ``runs`` times, alternating between them, after ``warmup`` rounds."""
+    """Time each callable ``runs`` times, alternating between them, after ``warmup`` rounds.
+
+    ``progress`` is called once per round (warm-up rounds included).
+    """
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
+        if progress is not None:
+            progress()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(runs):
         for name, fn in candidates.items():
@@ -67,3 +94,516 @@ def interleaved(
         if progress is not None:
             progress()
     return {name: summarize(name, values) for name, values in samples.items()}
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """Machine, versions and thread settings, recorded with every result."""
+    import onnx
+    import onnxruntime
+    import torchvision
+
+    from . import __version__
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "fxattn": __version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "ort_intra_op_num_threads": threads,
+        "ort_inter_op_num_threads": 1,
+        "ort_allow_spinning": 0,
+        "load_average_1_5_15": [round(v, 2) for v in load],
+        "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+
+
+# --------------------------------------------------------------------------- latency benchmark
+
+
+@dataclass
+class ModelEntry:
+    """One model of a benchmark: its parameters, its ONNX export and how long things took."""
+
+    name: str
+    parameters: int
+    onnx_nodes: int | None = None
+    onnx_ops: list[str] = field(default_factory=list)
+    onnx_mb: float | None = None
+    export_seconds: float | None = None
+    transform_seconds: float | None = None
+    max_abs_error: float | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("onnx_ops")
+        return data
+
+
+@dataclass
+class BenchmarkResult:
+    """Everything one :func:`benchmark` call measured; ``save`` writes JSON, Markdown and PNG."""
+
+    title: str
+    baseline: str
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    models: dict[str, ModelEntry]
+    latency: dict[str, dict[int, dict[str, LatencyStats]]]  # engine -> batch -> model -> stats
+    command: str = ""
+
+    def ratio(self, engine: str, batch: int, model: str, baseline: str | None = None) -> float:
+        """Ratio of medians ``model / baseline`` measured side by side."""
+        stats = self.latency[engine][batch]
+        return stats[model].p50_ms / stats[baseline or self.baseline].p50_ms
+
+    def same_onnx_ops(self, a: str, b: str) -> bool:
+        """Whether two models exported the same ONNX node list (op types in order)."""
+        return self.models[a].onnx_ops == self.models[b].onnx_ops
+
+    def to_dict(self) -> dict[str, Any]:
+        latency = {
+            engine: {
+                str(batch): {
+                    name: {**stats.to_dict(),
+                           "throughput_per_s": 1000.0 * batch / stats.p50_ms,
+                           f"ratio_vs_{self.baseline}": stats.p50_ms
+                           / by_model[self.baseline].p50_ms}
+                    for name, stats in by_model.items()
+                }
+                for batch, by_model in by_batch.items()
+            }
+            for engine, by_batch in self.latency.items()
+        }
+        return {
+            "title": self.title,
+            "command": self.command,
+            "baseline": self.baseline,
+            "machine": self.machine,
+            "settings": self.settings,
+            "models": {name: entry.to_dict() for name, entry in self.models.items()},
+            "latency": latency,
+        }
+
+    def to_markdown(self) -> str:
+        lines = [f"## {self.title}", ""]
+        if self.command:
+            lines += ["Command:", "", "```", self.command, "```", ""]
+        m, s = self.machine, self.settings
+        lines += [
+            f"Machine: {m['cpu']} ({m['cpu_count']} logical CPUs), load average "
+            f"{m['load_average_1_5_15']} at the start; torch {m['torch']}, onnxruntime "
+            f"{m['onnxruntime']}, onnx {m['onnx']}, python {m['python']}.",
+            f"Threads: torch.set_num_threads({m['torch_num_threads']}), onnxruntime "
+            f"intra_op_num_threads={m['ort_intra_op_num_threads']}, inter_op_num_threads=1, "
+            "session.intra_op.allow_spinning=0.",
+            f"Protocol: {s['runs']} interleaved runs after {s['warmup']} warm-up rounds per "
+            f"engine and batch size, input {s['input_shape']}; ratios are of medians (p50) "
+            "measured side by side in this process.",
+            "",
+            "| model | parameters | ONNX nodes | ONNX MB | export s | note |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for entry in self.models.values():
+            lines.append(
+                f"| {entry.name} | {entry.parameters:,} | {_fmt(entry.onnx_nodes)} | "
+                f"{_fmt(entry.onnx_mb, '.1f')} | {_fmt(entry.export_seconds, '.2f')} | "
+                f"{entry.note} |"
+            )
+        lines += [
+            "",
+            "| engine | batch | model | p50 ms | p90 ms | p99 ms | images/s "
+            f"| vs {self.baseline} |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for engine, by_batch in self.latency.items():
+            for batch, by_model in by_batch.items():
+                for name, st in by_model.items():
+                    ratio = st.p50_ms / by_model[self.baseline].p50_ms
+                    lines.append(
+                        f"| {engine} | {batch} | {name} | {st.p50_ms:.2f} | {st.p90_ms:.2f} | "
+                        f"{st.p99_ms:.2f} | {1000.0 * batch / st.p50_ms:.1f} | {ratio:.3f} |"
+                    )
+        if {"torch", "onnxruntime"} <= set(self.latency):
+            lines += ["", "onnxruntime speed-up over PyTorch eager "
+                      "(p50 torch / p50 onnxruntime):", ""]
+            for batch in self.latency["onnxruntime"]:
+                if batch not in self.latency["torch"]:
+                    continue
+                parts = []
+                for name in self.latency["onnxruntime"][batch]:
+                    if name in self.latency["torch"][batch]:
+                        speedup = (self.latency["torch"][batch][name].p50_ms
+                                   / self.latency["onnxruntime"][batch][name].p50_ms)
+                        parts.append(f"{name} {speedup:.2f}x")
+                lines.append(f"- batch {batch}: " + ", ".join(parts))
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Bar chart: p50 latency per model, one panel per engine and batch, ratio on top."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = [(e, b) for e, by_batch in self.latency.items() for b in by_batch]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), squeeze=False)
+        for ax, (engine, batch) in zip(axes[0], panels, strict=True):
+            by_model = self.latency[engine][batch]
+            names = list(by_model)
+            p50 = [by_model[n].p50_ms for n in names]
+            p90 = [by_model[n].p90_ms for n in names]
+            bars = ax.bar(range(len(names)), p50, color=[f"C{i}" for i in range(len(names))])
+            ax.errorbar(range(len(names)), p50, yerr=[[0] * len(names),
+                        [hi - lo for hi, lo in zip(p90, p50, strict=True)]],
+                        fmt="none", ecolor="black", capsize=3, linewidth=0.8)
+            base = by_model[self.baseline].p50_ms
+            for bar, value in zip(bars, p50, strict=True):
+                ax.annotate(f"{value / base:.2f}x", (bar.get_x() + bar.get_width() / 2, value),
+                            ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                            textcoords="offset points")
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+            ax.set_title(f"{engine}, batch {batch}", fontsize=9)
+            ax.set_ylabel("p50 latency, ms (bar to p90)", fontsize=8)
+        fig.suptitle(f"{self.title} (ratio vs {self.baseline} on each bar)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    def save(self, out_dir: str | os.PathLike[str], stem: str = "bench") -> dict[str, Path]:
+        """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``."""
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {ext: folder / f"{stem}.{ext}" for ext in ("json", "md", "png")}
+        paths["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        paths["md"].write_text(self.to_markdown())
+        self.plot(paths["png"])
+        return paths
+
+
+def _fmt(value: float | None, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Set ``torch.set_num_threads`` for the duration of a benchmark."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[], None]]:
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+def _export(name: str, module: nn.Module, path: Path, example: Any) -> ModelEntry:
+    import onnx
+
+    from .onnx_export import export_onnx
+    from .tracing import count_parameters
+
+    report = export_onnx(module, path, example)
+    proto = onnx.load(str(path), load_external_data=False)
+    return ModelEntry(
+        name=name,
+        parameters=count_parameters(module),
+        onnx_nodes=report.nodes,
+        onnx_ops=[node.op_type for node in proto.graph.node],
+        onnx_mb=report.file_bytes / 1e6,
+        export_seconds=report.export_seconds,
+        max_abs_error=report.max_abs_error,
+        note="; ".join(n for n in report.notes if "stripped" not in n),
+    )
+
+
+def _lowp_variant(name: str, mode: str, lean: nn.Module, folder: Path, inputs: Any) -> ModelEntry:
+    """Copy ``lean.onnx``, apply ``mode`` (``int4``, ``int8+fold``, ``fp32+fold``...), verify."""
+    import shutil
+
+    import onnx
+
+    from .lowp import apply_dia_weights, tolerance
+    from .onnx_export import verify_onnx
+    from .tracing import count_parameters
+
+    precision, _, option = mode.partition("+")
+    if option not in ("", "fold"):
+        raise ConfigError(f"dia_weights mode {mode!r}: the only option after '+' is 'fold'")
+    path = folder / f"{name}.onnx"
+    shutil.copy(folder / "lean.onnx", path)
+    start = time.perf_counter()
+    note = apply_dia_weights(path, precision, fold_state=option == "fold")
+    seconds = time.perf_counter() - start
+    atol = tolerance(precision, 1e-4)
+    abs_err, _ = verify_onnx(str(path), lean, inputs, (2, 3), atol)
+    proto = onnx.load(str(path))
+    return ModelEntry(
+        name=name,
+        parameters=count_parameters(lean),
+        onnx_nodes=len(proto.graph.node),
+        onnx_ops=[node.op_type for node in proto.graph.node],
+        onnx_mb=path.stat().st_size / 1e6,
+        export_seconds=seconds,
+        max_abs_error=abs_err,
+        note=f"{note}; max abs error vs PyTorch fp32 {abs_err:.2e} (tolerance {atol:g})",
+    )
+
+
+def benchmark(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    dia: Any = True,
+    ssia: Any = True,
+    batch_sizes: Sequence[int] = (1, 8),
+    threads: int = 2,
+    runs: int = 30,
+    warmup: int = 5,
+    engines: Sequence[str] = ENGINES,
+    extra: dict[str, nn.Module] | None = None,
+    dia_weights: Sequence[str] = (),
+    out_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    title: str | None = None,
+    command: str = "",
+) -> BenchmarkResult:
+    """Benchmark ``model`` (``original``) against its lean fxattn version (``lean``).
+
+    The model is transformed with ``dia`` / ``ssia`` (as :func:`fxattn.transform`), stripped,
+    and both are exported to ONNX (verified in onnxruntime). For each engine and batch size the
+    models run interleaved in this process, with fixed thread counts; ``extra`` adds more
+    models (e.g. a hand-written reference) to the same interleaving, and each mode in
+    ``dia_weights`` (``"fp16"``, ``"int8"``, ``"int4"``; ``"+fold"`` also folds the zero initial
+    state, e.g. ``"fp32+fold"``, see :mod:`fxattn.lowp`) adds a lean onnxruntime model (its
+    ``export s`` column is then the rewrite time) verified at that mode's tolerance. ONNX files
+    go to ``out_dir`` (a temporary folder when ``None``). The result's baseline is ``original``.
+    """
+    from .tracing import ExampleInputs, count_parameters
+    from .transform import strip_ssia, transform
+
+    unknown = set(engines) - set(ENGINES)
+    if unknown or not engines:
+        raise ConfigError(f"engines must be among {', '.join(ENGINES)}, got {list(engines)}")
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ConfigError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if runs < 1 or warmup < 0 or threads < 1:
+        raise ConfigError("runs and threads must be >= 1 and warmup >= 0")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"benchmark needs an nn.Module, got {type(model).__name__}")
+    inputs = ExampleInputs.from_user(example_inputs)
+    with torch_threads(threads):
+        machine = machine_info(threads)
+        start = time.perf_counter()
+        net = transform(model, example_inputs, dia=dia, ssia=ssia)
+        lean = strip_ssia(net)
+        transform_seconds = time.perf_counter() - start
+        original = model.eval() if not model.training else _eval_copy(model)
+        modules: dict[str, nn.Module] = {"original": original, "lean": lean}
+        for name, extra_module in (extra or {}).items():
+            if name in modules:
+                raise ConfigError(f"extra model name {name!r} is taken; choose another")
+            modules[name] = extra_module.eval()
+        models = {name: ModelEntry(name, count_parameters(m)) for name, m in modules.items()}
+        models["lean"].transform_seconds = transform_seconds
+        sessions: dict[str, Any] = {}
+        with contextlib.ExitStack() as stack:
+            folder = Path(out_dir) if out_dir is not None else Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="fxattn-bench-")))
+            folder.mkdir(parents=True, exist_ok=True)
+            if "onnxruntime" in engines:
+                from .onnx_export import ort_session
+
+                for name, module in modules.items():
+                    entry = _export(name, module, folder / f"{name}.onnx", example_inputs)
+                    entry.transform_seconds = models[name].transform_seconds
+                    models[name] = entry
+                    sessions[name] = ort_session(str(folder / f"{name}.onnx"), threads=threads)
+                for mode in dia_weights:
+                    name = f"lean-{mode}"
+                    models[name] = _lowp_variant(name, mode, lean, folder, inputs)
+                    sessions[name] = ort_session(str(folder / f"{name}.onnx"), threads=threads)
+            latency = _measure(modules, sessions, inputs, engines, batch_sizes, runs, warmup,
+                               progress)
+    settings = {"batch_sizes": list(batch_sizes), "threads": threads, "runs": runs,
+                "warmup": warmup, "engines": list(engines), "dia_weights": list(dia_weights),
+                "input_shape": [list(t.shape) for t in inputs.tensors()],
+                "dia": repr(dia), "ssia": repr(ssia)}
+    result = BenchmarkResult(title or f"{type(model).__name__}: original vs lean", "original",
+                             machine, settings, models, latency, command)
+    if out_dir is not None:
+        result.save(out_dir)
+    return result
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).eval()
+
+
+def _measure(
+    modules: dict[str, nn.Module],
+    sessions: dict[str, Any],
+    inputs: Any,
+    engines: Sequence[str],
+    batch_sizes: Sequence[int],
+    runs: int,
+    warmup: int,
+    progress: bool,
+) -> dict[str, dict[int, dict[str, LatencyStats]]]:
+    from .onnx_export import ort_feed
+
+    total = len(engines) * len(batch_sizes) * (runs + warmup)
+    latency: dict[str, dict[int, dict[str, LatencyStats]]] = {e: {} for e in engines}
+    with _progress_bar(total, "benchmark", progress) as advance:
+        for batch in batch_sizes:
+            batch_inputs = inputs.with_batch(int(batch), torch.Generator().manual_seed(int(batch)))
+            if "torch" in engines:
+                calls = {name: _torch_call(m, batch_inputs) for name, m in modules.items()}
+                latency["torch"][int(batch)] = interleaved(calls, runs, warmup, advance)
+            if "onnxruntime" in engines:
+                calls = {}
+                for name, session in sessions.items():
+                    feed = ort_feed(session, batch_inputs)
+                    calls[name] = lambda s=session, f=feed: s.run(None, f)
+                latency["onnxruntime"][int(batch)] = interleaved(calls, runs, warmup, advance)
+            gc.collect()
+    return latency
+
+
+def _torch_call(module: nn.Module, batch_inputs: Any) -> Callable[[], Any]:
+    def call() -> Any:
+        with torch.inference_mode():
+            return batch_inputs.call(module)
+
+    return call
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_step_benchmark(
+    candidates: dict[str, tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor]]],
+    inputs: torch.Tensor,
+    runs: int = 10,
+    warmup: int = 2,
+    lr: float = 0.01,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, LatencyStats]:
+    """Interleaved training steps (forward, loss, backward, SGD step) of each candidate.
+
+    ``candidates`` maps a name to ``(module, loss_fn)`` where ``loss_fn(module, x)`` returns the
+    scalar loss of one forward (e.g. cross-entropy plus ``fxattn.ssia_loss``). Each module is
+    put in training mode and gets its own SGD optimizer (momentum 0.9).
+    """
+    steps = {}
+    for name, (module, loss_fn) in candidates.items():
+        module.train()
+        optimizer = torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
+        steps[name] = _train_step(module, loss_fn, optimizer, inputs)
+    return interleaved(steps, runs, warmup, progress)
+
+
+def _train_step(module: nn.Module, loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                optimizer: torch.optim.Optimizer, inputs: torch.Tensor) -> Callable[[], float]:
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(module, inputs)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _status_kb(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field_name} not in /proc/self/status")
+
+
+def peak_step_memory(step: Callable[[], Any], steps: int = 3) -> dict[str, float]:
+    """Peak resident memory (MB) while running ``step`` ``steps`` times, Linux only.
+
+    ``tracemalloc`` does not see tensor storage (torch allocates outside Python's allocator) and
+    torch has no CPU memory counters, so this reads the kernel's own numbers: the peak resident
+    set (``VmHWM``) is reset through ``/proc/self/clear_refs`` before the steps, and the result
+    is that peak minus the resident set just before (``delta_mb``: activations, gradients and
+    temporaries of a step) and the absolute peak (``peak_mb``). glibc keeps freed memory for
+    reuse, which would hide a later step's allocations, so run this in a fresh process with
+    ``MALLOC_MMAP_THRESHOLD_=65536`` (large tensors are then mmap-ed and returned on free);
+    ``benchmarks/training.py`` does both. Call ``step`` once before (optimizer state).
+    """
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kb("VmRSS")
+    for _ in range(steps):
+        step()
+    peak = _status_kb("VmHWM")
+    return {"rss_before_mb": before / 1024, "peak_mb": peak / 1024,
+            "delta_mb": (peak - before) / 1024}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cli_bench(args: Any) -> int:
+    """``fxattn bench``: original vs lean, written to ``--out`` as JSON, Markdown and PNG."""
+    import shlex
+    import sys
+
+    from .cli import _methods, _model_and_input
+    from .errors import ConfigError as _ConfigError
+
+    try:
+        batches = [int(part) for part in str(args.batch).split(",") if part.strip()]
+    except ValueError:
+        raise _ConfigError(f"--batch {args.batch!r} is not a comma-separated list of integers, "
+                           "e.g. 1,8") from None
+    model, example, spec = _model_and_input(args)
+    dia, ssia = _methods(args)
+    modes = [m for m in str(getattr(args, "dia_weights", "") or "").split(",") if m]
+    engines = [e for e in str(getattr(args, "engines", "torch,onnxruntime")).split(",") if e]
+    result = benchmark(
+        model, example, dia=dia, ssia=ssia, batch_sizes=batches, threads=args.threads,
+        runs=args.runs, warmup=args.warmup, engines=engines, dia_weights=modes,
+        out_dir=args.out, progress=sys.stderr.isatty(),
+        title=f"{spec}: original vs lean (dia={bool(dia)}, ssia={bool(ssia)})",
+        command="fxattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    print(result.to_markdown())
+    print(f"wrote {Path(args.out) / 'bench.json'}, bench.md and bench.png")
+    return 0

@@ -229,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=_positive_int, default=30)
     p.add_argument("--warmup", type=_positive_int, default=5)
     p.add_argument("--out", default="bench-results", help="output folder")
+    p.add_argument("--engines", default="torch,onnxruntime",
+                   help="comma-separated engines to time: torch, onnxruntime")
+    p.add_argument("--dia-weights", default="",
+                   help="also time lean ONNX models with DIA matrices stored as these "
+                        "precisions, e.g. int4,int8,fp16 (onnxruntime only)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the whole pipeline on torchvision ResNet-18")

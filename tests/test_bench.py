@@ -1,0 +1,165 @@
+"""Functional tests of the benchmark code on tiny models (no timing assertions).
+
+They check what the benchmark reports (structure, counts, files, the recorded settings), that
+the hand-written DIA-ResNet used as the reference computes exactly what fxattn's compiled model
+computes, and that the memory probe sees an allocation it is shown.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from models import CifarResNet
+
+import fxattn
+from fxattn.bench import interleaved, summarize, train_step_benchmark
+from fxattn.cli import main
+from fxattn.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_handwritten() -> object:
+    spec = importlib.util.spec_from_file_location(
+        "handwritten_dia", ROOT / "benchmarks" / "handwritten_dia.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("handwritten_dia", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return CifarResNet(depth=11, num_classes=10).eval()
+
+
+def test_summarize_percentiles_and_interleaving_order() -> None:
+    stats = summarize("x", [i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert (stats.runs, stats.p50_ms, stats.p90_ms) == (100, pytest.approx(50.5),
+                                                         pytest.approx(90.1))
+    order: list[str] = []
+    ticks: list[int] = []
+    result = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                         runs=3, warmup=1, progress=lambda: ticks.append(1))
+    assert order == ["a", "b"] * 4  # A/B alternate, warm-up round first
+    assert len(ticks) == 4 and set(result) == {"a", "b"} and result["a"].runs == 3
+
+
+def test_benchmark_reports_every_model_engine_and_batch(tmp_path: Path) -> None:
+    model = _tiny()
+    result = fxattn.benchmark(
+        model, torch.randn(2, 3, 32, 32), dia=True, ssia=True, batch_sizes=(1, 2), threads=1,
+        runs=2, warmup=1, extra={"copy": CifarResNet(depth=11, num_classes=10)},
+        dia_weights=("int8", "fp32+fold"), out_dir=tmp_path, progress=False, command="test",
+    )
+    onnx_models = ["original", "lean", "copy", "lean-int8", "lean-fp32+fold"]
+    assert list(result.latency) == ["torch", "onnxruntime"]
+    assert list(result.latency["torch"]) == [1, 2]
+    assert list(result.latency["torch"][1]) == ["original", "lean", "copy"]
+    assert list(result.latency["onnxruntime"][2]) == onnx_models
+    assert all(st.runs == 2 for by_b in result.latency.values() for by_m in by_b.values()
+               for st in by_m.values())
+    assert result.ratio("onnxruntime", 1, "original") == 1.0
+    # DIA adds parameters and nodes; an identical copy exports the identical node list
+    base, lean = result.models["original"], result.models["lean"]
+    assert lean.parameters > base.parameters and lean.onnx_nodes > base.onnx_nodes
+    assert result.same_onnx_ops("original", "copy") and not result.same_onnx_ops("original", "lean")
+    assert result.models["lean-int8"].onnx_ops.count("MatMulNBits") == 4 * 3  # 3 sites
+    assert result.models["lean-fp32+fold"].onnx_nodes < lean.onnx_nodes
+    assert lean.transform_seconds is not None and lean.export_seconds is not None
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["machine"]["ort_allow_spinning"] == 0
+    assert saved["machine"]["torch_num_threads"] == 1
+    assert saved["machine"]["ort_intra_op_num_threads"] == 1
+    assert set(saved["latency"]["onnxruntime"]["1"]) == set(onnx_models)
+    text = (tmp_path / "bench.md").read_text()
+    assert "test" in text and "allow_spinning=0" in text and "| onnxruntime | 2 | lean |" in text
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "lean.onnx").exists()
+
+
+def test_ssia_only_lean_model_exports_the_original_node_list() -> None:
+    result = fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), dia=False, ssia=True,
+                              batch_sizes=(2,), threads=1, runs=1, warmup=0,
+                              engines=("onnxruntime",), progress=False)
+    assert result.same_onnx_ops("original", "lean")
+    assert result.models["lean"].parameters == result.models["original"].parameters
+    assert "torch" not in result.latency
+
+
+def test_benchmark_rejects_bad_settings() -> None:
+    with pytest.raises(ConfigError, match="engines"):
+        fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), engines=("tvm",))
+    with pytest.raises(ConfigError, match="batch sizes"):
+        fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), batch_sizes=(0,))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_handwritten_dia_resnet_equals_fxattn_lean_model(name: str) -> None:
+    handwritten = _load_handwritten()
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    lean = fxattn.strip_ssia(fxattn.transform(model, x, dia=True, ssia=False))
+    hand = handwritten.hand_dia_resnet(name, num_classes=10).eval()
+    handwritten.load_fxattn_dia(hand, lean)
+    assert sum(p.numel() for p in hand.parameters()) == sum(p.numel() for p in lean.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(hand(x), lean(x), rtol=0, atol=1e-5)
+
+
+def test_train_step_benchmark_trains_each_candidate() -> None:
+    model = _tiny()
+    net = fxattn.transform(model, torch.randn(2, 3, 32, 32), dia=True, ssia=True)
+    target = torch.tensor([1, 2])
+    ce = torch.nn.functional.cross_entropy
+    before = {k: v.clone() for k, v in net.state_dict().items() if "fxattn_dia" in k}
+    stats = train_step_benchmark(
+        {"baseline": (model, lambda m, x: ce(m(x), target)),
+         "dia+ssia": (net, lambda m, x: ce(m(x), target) + fxattn.ssia_loss(m))},
+        torch.randn(2, 3, 32, 32), runs=2, warmup=1)
+    assert set(stats) == {"baseline", "dia+ssia"} and stats["baseline"].runs == 2
+    after = net.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())  # DIA was trained
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_peak_step_memory_sees_a_step_allocation() -> None:
+    # a fresh process with large allocations mmap-ed, as benchmarks/training.py runs it
+    code = (
+        "import json, torch\n"
+        "from fxattn.bench import peak_step_memory\n"
+        "def step():\n"
+        "    buffer = torch.ones(64 * 1024 * 1024 // 4)  # 64 MB, touched\n"
+        "    del buffer\n"
+        "print(json.dumps(peak_step_memory(step, steps=2)))\n"
+    )
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    memory = json.loads(out.strip().splitlines()[-1])
+    assert 60 <= memory["delta_mb"] <= 80  # one 64 MB buffer at a time, freed between steps
+    assert memory["peak_mb"] == pytest.approx(memory["rss_before_mb"] + memory["delta_mb"])
+
+
+def test_cli_bench_writes_json_markdown_and_png(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", "models:CifarResNet", "--model-kwargs",
+                 '{"depth": 11, "num_classes": 10}', "--input-shape", "2,3,32,32",
+                 "--no-ssia", "--batch", "1,2", "--threads", "1", "--runs", "2", "--warmup", "1",
+                 "--engines", "onnxruntime", "--dia-weights", "int4", "--out", str(tmp_path)])
+    assert code == 0
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert set(saved["latency"]["onnxruntime"]["2"]) == {"original", "lean", "lean-int4"}
+    assert saved["settings"]["batch_sizes"] == [1, 2]
+    assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.png").exists()
+    assert "| onnxruntime | 1 | lean-int4 |" in capsys.readouterr().out
