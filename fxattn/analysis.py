@@ -97,6 +97,12 @@ _POOL_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd,
 )
+try:  # torchvision's ConvNeXt and Swin permute with a module, not a tensor method
+    from torchvision.ops.misc import Permute as _TorchvisionPermute
+
+    _PERMUTE_MODULES: tuple[type[nn.Module], ...] = (_TorchvisionPermute,)
+except ImportError:  # pragma: no cover - torchvision is optional
+    _PERMUTE_MODULES = ()
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as"}
 _RESHAPE_FUNCTIONS: set[Any] = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze}
 for _name in ("view.default", "reshape.default", "flatten.using_ints", "unsqueeze.default",
@@ -254,8 +260,20 @@ class _OpInfo:
         if module is not None:
             return any(True for _ in module.parameters())
         if node.op in ("call_function", "call_method"):
-            return any(_is_parameter_attr(arg, self.modules, self.gm) for arg in node.all_input_nodes)
+            return any(
+                _is_parameter_attr(arg, self.modules, self.gm) for arg in node.all_input_nodes
+            )
         return False
+
+    def permute_dims(self, node: fx.Node) -> list[int] | None:
+        """The dimension order of a permute *module* (``torchvision.ops.Permute``): a leaf the
+        tracer keeps as ``call_module``, so no ``permute`` call appears in the graph."""
+        module = _module(self.modules, node)
+        if module is None or any(True for _ in module.parameters()):
+            return None
+        if _PERMUTE_MODULES and isinstance(module, _PERMUTE_MODULES):
+            return _int_list(getattr(module, "dims", None))
+        return None
 
     def is_pool(self, node: fx.Node) -> bool:
         module = _module(self.modules, node)
@@ -269,7 +287,9 @@ def _op_key(node: fx.Node) -> Any:
     return node.target if node.op in ("call_function", "call_method") else None
 
 
-def infer_channel_dims(gm: fx.GraphModule, info: _OpInfo | None = None) -> dict[fx.Node, int | None]:
+def infer_channel_dims(
+    gm: fx.GraphModule, info: _OpInfo | None = None
+) -> dict[fx.Node, int | None]:
     """For every tensor node, the index of its channel dimension (``None`` when unknown)."""
     info = info or _OpInfo(gm)
     dims: dict[fx.Node, int | None] = {}
@@ -289,12 +309,15 @@ def infer_channel_dims(gm: fx.GraphModule, info: _OpInfo | None = None) -> dict[
         elif info.is_pool(node):
             dims[node] = 1
         else:
-            dims[node] = _propagated_channel_dim(node, shape, dims)
+            dims[node] = _propagated_channel_dim(node, shape, dims, info.permute_dims(node))
     return dims
 
 
 def _propagated_channel_dim(
-    node: fx.Node, shape: tuple[int, ...], dims: dict[fx.Node, int | None]
+    node: fx.Node,
+    shape: tuple[int, ...],
+    dims: dict[fx.Node, int | None],
+    module_dims: list[int] | None = None,
 ) -> int | None:
     key = _op_key(node)
     inputs = [inp for inp in iter_tensor_inputs(node) if inp.op != "get_attr"]
@@ -303,6 +326,10 @@ def _propagated_channel_dim(
     source = inputs[0]
     source_dim = dims.get(source)
     ndim = len(shape)
+    if module_dims is not None and source_dim is not None:
+        # a permute module (torchvision.ops.Permute in ConvNeXt and Swin)
+        order = [d % ndim for d in module_dims]
+        return order.index(source_dim) if source_dim in order else None
     if key in _PERMUTES and source_dim is not None:
         order = _int_list(node.args[1:]) if node.op == "call_method" else _int_list(node.args[1])
         if order is not None and len(order) == ndim:
@@ -392,7 +419,25 @@ def _stable_keys(graph: fx.Graph) -> dict[fx.Node, str]:
 
 
 def _tensor_parents(node: fx.Node) -> list[fx.Node]:
-    return [arg for arg in iter_tensor_inputs(node) if arg.op != "get_attr"]
+    """Inputs that carry tensors, including multi-output ops (``unbind``, ``chunk``, ``split``).
+
+    Shape propagation records a tuple of tensor metadata for those; without them the path
+    from a ViT / Swin block input through ``qkv.unbind(0)`` to the attention output is cut and
+    the attention sub-layer's residual add is never recognised as a site.
+    """
+    return [
+        arg
+        for arg in node.all_input_nodes
+        if arg.op != "get_attr" and _carries_tensor(arg.meta.get("tensor_meta"))
+    ]
+
+
+def _carries_tensor(meta: Any) -> bool:
+    if hasattr(meta, "shape") and hasattr(meta, "dtype"):  # TensorMetadata (a NamedTuple)
+        return True
+    if isinstance(meta, (list, tuple)):
+        return any(_carries_tensor(item) for item in meta)
+    return False
 
 
 def _nearest_common_ancestor(
@@ -579,6 +624,22 @@ def dia_module_parameters(kind: str, channels: int, reduction: int) -> int:
     return channels * hidden + hidden + hidden * channels + channels
 
 
+CHANNELS_LAST = "channels_last"
+
+
+def _group_layout(site: Site) -> str:
+    """What must agree for sites to share a DIA cell: channel-first sites by their exact layout,
+    channels-last sites (tokens ``(B, N, C)`` or grids ``(B, H, W, C)``) as one kind.
+
+    timm's Swin adds its attention branch on a ``(B, H, W, C)`` grid and its MLP branch on
+    ``(B, H*W, C)`` tokens: both are the same C channels on the last axis, and the descriptor
+    (mean over every other axis) is the same, so one cell serves the stage as in the paper.
+    """
+    if site.ndim >= 3 and site.channel_dim == site.ndim - 1:
+        return CHANNELS_LAST
+    return site.layout
+
+
 def assign_groups(sites: list[Site], dia: DIA) -> tuple[list[Site], list[DIAModuleSpec]]:
     """Runs of consecutive sites (state resets) and the DIA modules shared per ``dia.share``."""
     assigned: list[Site] = []
@@ -586,7 +647,7 @@ def assign_groups(sites: list[Site], dia: DIA) -> tuple[list[Site], list[DIAModu
     module_shape: dict[str, tuple[int, int]] = {}
     group, previous = -1, None
     for i, site in enumerate(sites):
-        signature = (site.channels, site.layout)
+        signature = (site.channels, _group_layout(site))
         if signature != previous:
             group += 1
             previous = signature
@@ -599,11 +660,12 @@ def assign_groups(sites: list[Site], dia: DIA) -> tuple[list[Site], list[DIAModu
         if dia.share == "stage":
             name = f"g{group}"
         elif dia.share == "channels":
-            name = f"c{site.channels}_{site.layout.lower().replace('/', '_')}"
+            name = f"c{site.channels}_{_group_layout(site).lower().replace('/', '_')}"
         else:
             name = f"s{i}"
         module_sites.setdefault(name, []).append(i)
-        module_shape[name] = (site.channels, site.channel_dim)
+        channels_last = _group_layout(site) == CHANNELS_LAST
+        module_shape[name] = (site.channels, -1 if channels_last else site.channel_dim)
         assigned.append(_replace(site, index=i, group=group, module=name))
     specs = [
         DIAModuleSpec(
@@ -667,8 +729,12 @@ def find_taps(
         dtype = tensor_dtype(node)
         if dtype is None or not dtype.is_floating_point:
             continue
+        layout = layout_name(dims[node] or 1, len(shape))
+        if "/" in layout:
+            # not a feature map: e.g. Swin's patch merging reshapes (B, H/2, 2, W/2, 2, C)
+            continue
         spatial = tuple(s for d, s in enumerate(shape) if d not in (0, dims[node]))
-        if layout_name(dims[node] or 1, len(shape)) == "NLC":
+        if layout == "NLC":
             # Tokens of a square grid (plus class / register tokens) sit at that grid's
             # resolution: a ViT's patch embedding and its blocks form one stage.
             grid, _ = _token_grid(spatial[0])

@@ -21,6 +21,7 @@ from torch import nn
 
 def _descriptor(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Global average over every dimension but batch and channels: ``(B, C)``."""
+    channel_dim %= x.dim()  # -1: channels last, whatever the rank (tokens or a grid)
     dims = [d for d in range(1, x.dim()) if d != channel_dim]
     if not dims:
         return x
@@ -29,6 +30,7 @@ def _descriptor(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
 
 def _broadcastable(weights: torch.Tensor, like: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """``(B, C)`` -> shape that broadcasts over ``like``'s non-channel dims."""
+    channel_dim %= like.dim()
     for d in range(1, like.dim()):
         if d != channel_dim:
             weights = weights.unsqueeze(d)
