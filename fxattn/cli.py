@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,25 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exits 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"fxattn: error: {message} (see fxattn {self.prog.split()[-1]} -h)\n")
+        self.exit(EXIT_USAGE, f"fxattn: error: {one_line(message)} (see {self.prog} -h)\n")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(message: str) -> str:
+    """``message`` as one readable line: no terminal colour codes, no line breaks."""
+    return " ".join(_ANSI.sub("", message).split())
+
+
+def _opset(text: str) -> int:
+    import onnx
+
+    value = _positive_int(text)
+    newest = onnx.defs.onnx_opset_version()
+    if not 7 <= value <= newest:
+        raise argparse.ArgumentTypeError(f"expected an ONNX opset from 7 to {newest}, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -96,6 +115,8 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
     from .specs import build_model, parse_shape, random_input
 
+    if Path(args.model).suffix in (".fxattn", ".pt", ".pth") and not Path(args.model).exists():
+        raise ModelSpecError(f"no such file: {args.model}")
     if Path(args.model).suffix in (".fxattn", ".pt", ".pth") or Path(args.model).exists():
         raise ModelSpecError(
             f"{args.model} is a file; this command takes a model spec (torchvision:NAME, "
@@ -191,14 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "PyTorch model: inspect, transform, export lean ONNX, benchmark.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks on errors")
 
-    p = sub.add_parser("inspect", help="show where DIA and SSIA would go")
+    p = sub.add_parser("inspect", parents=[debug], help="show where DIA and SSIA would go")
     _add_model_args(p)
     _add_method_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("transform", help="transform a model and save it (.fxattn)")
+    p = sub.add_parser("transform", parents=[debug], help="transform a model and save it (.fxattn)")
     _add_model_args(p)
     _add_method_args(p)
     p.add_argument("-o", "--output", required=True, help="output file (.fxattn)")
@@ -207,12 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing output file (default: yes, atomically)")
     p.set_defaults(func=cmd_transform)
 
-    p = sub.add_parser("export", help="export the lean model to ONNX and verify it")
+    p = sub.add_parser("export", parents=[debug],
+                       help="export the lean model to ONNX and verify it")
     _add_model_args(p)
     _add_method_args(p)
     p.add_argument("-o", "--output", required=True, help="output .onnx file")
     p.add_argument("--original", action="store_true", help="export the untransformed model")
-    p.add_argument("--opset", type=_positive_int, default=None)
+    p.add_argument("--opset", type=_opset, default=None,
+                   help="ONNX opset (default: the exporter's)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
     p.add_argument("--atol", type=_non_negative_float, default=1e-4)
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
@@ -221,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing output file (default: yes, atomically)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help="latency of the original vs the lean model")
+    p = sub.add_parser("bench", parents=[debug], help="latency of the original vs the lean model")
     _add_model_args(p)
     _add_method_args(p)
     p.add_argument("--batch", default="1,8", help="batch sizes, e.g. 1,8")
@@ -236,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "precisions, e.g. int4,int8,fp16 (onnxruntime only)")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="the whole pipeline on torchvision ResNet-18")
+    p = sub.add_parser("demo", parents=[debug], help="the whole pipeline on torchvision ResNet-18")
     p.add_argument("--out", default="fxattn-demo", help="folder for the ONNX files")
     p.add_argument("--steps", type=_positive_int, default=8, help="training steps")
     p.add_argument("--size", type=_positive_int, default=96, help="image size")
@@ -245,23 +271,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit code (0 ok, 2 bad input, 1 internal error, 130 ^C).
+
+    Never raises (unless ``--debug``): a usage error, an :class:`FxAttnError` or an
+    unexpected exception each become one line on stderr.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage error (2) or --help (0)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return int(args.func(args))
     except FxAttnError as exc:
         if args.debug:
             raise
-        message = " ".join(str(exc).split())
-        print(f"fxattn: error: {message}", file=sys.stderr)
+        print(f"fxattn: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fxattn: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # e.g. --json to a folder that does not exist
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fxattn: error: {where}{one_line(exc.strerror or str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - one readable line instead of a traceback
         if args.debug:
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = one_line((str(exc).strip().splitlines() or [type(exc).__name__])[0])
         print(f"fxattn: internal error: {type(exc).__name__}: {first} (rerun with --debug "
               "for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL

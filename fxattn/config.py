@@ -8,7 +8,7 @@ it was made.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -142,10 +142,14 @@ def _resolve(value: object, kind: type, name: str) -> Any:
     if isinstance(value, kind):
         return value
     if isinstance(value, dict):
-        try:
-            return kind(**value)
-        except TypeError as exc:
-            raise ConfigError(f"{name} options: {exc}") from None
+        known = [f.name for f in fields(kind)]
+        unknown = sorted(str(key) for key in value if key not in known)
+        if unknown:
+            raise ConfigError(
+                f"unknown {name} option(s) {', '.join(map(repr, unknown))}; "
+                f"fxattn.{kind.__name__} takes {', '.join(known)}"
+            )
+        return kind(**value)
     raise ConfigError(
         f"{name} must be True, False, a dict of options or fxattn.{kind.__name__}(...), "
         f"got {type(value).__name__}"

@@ -101,13 +101,29 @@ def check_output_path(path: str | os.PathLike[str], overwrite: bool = True) -> P
 
 @contextlib.contextmanager
 def atomic_path(target: Path, suffix: str) -> Any:
-    """Yield a temporary path beside ``target``; rename it over ``target`` on success only."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    """Yield a temporary path beside ``target``; rename it over ``target`` on success only.
+
+    An ``OSError`` on the way (a folder nothing can be created in, a full disk) becomes an
+    :class:`ExportError`; either way no temporary file is left and ``target`` is untouched.
+    """
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix,
+                                        dir=target.parent)
+    except OSError as exc:
+        raise ExportError(
+            f"cannot create a file in {target.parent} ({exc.strerror or exc}); choose a "
+            "writable folder"
+        ) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        try:
+            yield tmp
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise ExportError(
+                f"writing {target} failed ({exc.strerror or exc}); nothing was written"
+            ) from exc
     finally:
         for leftover in (tmp, Path(str(tmp) + ".data")):
             if leftover.exists():

@@ -245,6 +245,11 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"no such file: {source}")
     if source.is_dir():
         raise CheckpointError(f"{source} is a directory, not an fxattn file")
+    if not zipfile.is_zipfile(source):  # torch.save writes a zip archive; anything else is cut
+        raise CheckpointError(
+            f"{source} is truncated or corrupt (not the zip archive torch.save writes); "
+            "re-create it with fxattn.save"
+        )
     try:
         payload = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -295,7 +300,7 @@ def load(
         net.load_state_dict(payload["state_dict"], strict=True)
     except FxAttnError:
         raise
-    except (KeyError, TypeError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"{path} does not match the architecture: {str(exc).strip().splitlines()[0]}"
         ) from None

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +33,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.graph import _PyTreeCodeGen
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .errors import InputError, TraceError
 
@@ -94,16 +98,34 @@ class TraceOptions:
     concrete_args: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "leaf_modules", tuple(self.leaf_modules))
-        object.__setattr__(self, "autowrap_functions", tuple(self.autowrap_functions))
+        object.__setattr__(self, "leaf_modules", _as_entries("leaf_modules", self.leaf_modules))
+        object.__setattr__(
+            self, "autowrap_functions", _as_entries("autowrap_functions", self.autowrap_functions)
+        )
+        if self.concrete_args is not None and not isinstance(self.concrete_args, Mapping):
+            raise InputError(
+                f"concrete_args must be a dict of forward() argument names to fixed values, "
+                f"got {type(self.concrete_args).__name__}"
+            )
         for leaf in self.leaf_modules:
-            if not (isinstance(leaf, str) or (inspect.isclass(leaf) and issubclass(leaf, nn.Module))):
+            is_class = inspect.isclass(leaf) and issubclass(leaf, nn.Module)
+            if not (isinstance(leaf, str) or is_class):
                 raise InputError(
                     f"leaf_modules entries must be nn.Module classes or module names, got {leaf!r}"
                 )
         for fn in self.autowrap_functions:
             if not callable(fn):
                 raise InputError(f"autowrap_functions entries must be callables, got {fn!r}")
+
+
+def _as_entries(name: str, value: Any) -> tuple[Any, ...]:
+    """``value`` as a tuple; one class, name or function is accepted as a list of one."""
+    if isinstance(value, (str, type)) or callable(value):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise InputError(f"{name} must be a list, got {type(value).__name__}") from None
 
 
 class FxAttnTracer(fx.Tracer):
@@ -234,8 +256,16 @@ class ExampleInputs:
         """The inputs in the order of the graph's placeholders (for ``Interpreter.run``)."""
         values: list[Any] = []
         positional = list(self.args)
-        for node in graph.find_nodes(op="placeholder"):
-            name = node.target.lstrip("*")
+        placeholders = list(graph.find_nodes(op="placeholder"))
+        names = [str(node.target).lstrip("*") for node in placeholders]
+        variadic = any(str(node.target).startswith("*") for node in placeholders)
+        unknown = sorted(set(self.kwargs) - set(names))
+        if unknown and not variadic:
+            raise InputError(
+                f"example_inputs names {', '.join(map(repr, unknown))}, but forward() takes "
+                f"{', '.join(map(repr, names)) or 'no inputs'}; use forward()'s argument names"
+            )
+        for node, name in zip(placeholders, names, strict=True):
             if positional:
                 values.append(positional.pop(0))
             elif name in self.kwargs:
@@ -243,7 +273,15 @@ class ExampleInputs:
             elif node.args:
                 values.append(node.args[0])
             else:
-                raise InputError(f"example_inputs gives no value for the input {name!r}")
+                raise InputError(
+                    f"example_inputs gives no value for forward()'s input {name!r}; pass it "
+                    f"positionally or as {{{name!r}: tensor}}"
+                )
+        if positional and not variadic:
+            raise InputError(
+                f"example_inputs has {len(self.args)} positional inputs but forward() takes "
+                f"{len(names)} ({', '.join(map(repr, names))}); pass one value per argument"
+            )
         return values
 
 
@@ -260,14 +298,42 @@ class DualGraphs:
     tracer: str  # "torch.fx" (the export-based capture is recorded as "torch.export")
 
 
+# torch.fx symbolic tracing patches ``nn.Module.__call__`` (and autowrapped functions) for the
+# whole process and keeps the active patcher in a module global, so two traces in two threads
+# corrupt each other ("CURRENT_PATCHER is None"), and a module run in another thread during a
+# trace is recorded into it. fxattn serialises its own tracing and shape propagation; running
+# other models in other threads while fxattn traces stays unsafe (a torch.fx limitation).
+TRACE_LOCK = threading.RLock()
+
+
 def trace_dual(
     model: nn.Module, inputs: ExampleInputs, options: TraceOptions = TraceOptions()
 ) -> DualGraphs:
     """Trace ``model`` in train and eval mode; restores the model's own mode afterwards.
 
+    ``torch.fx`` symbolic tracing is tried first: its graphs call the model's own modules, which
+    keeps them readable. Where it fails (data-dependent control flow, HF transformers models),
+    the model is captured with ``torch.export`` instead (see :func:`export_dual`), and
+    :attr:`DualGraphs.tracer` says which one served. When both fail, the ``torch.fx`` error
+    (which names the module and line) is raised, with the export failure appended.
+
     ``model`` should already be the caller's private copy: tracing itself does not change
     parameters, but the returned GraphModules share its submodules.
     """
+    with TRACE_LOCK:
+        try:
+            return _symbolic_dual(model, options)
+        except TraceError as fx_error:
+            try:
+                return export_dual(model, inputs)
+            except Exception as export_error:  # noqa: BLE001 - report both tracers' failures
+                raise TraceError(
+                    f"{fx_error} (the torch.export fallback failed too: "
+                    f"{_first_line(export_error)})"
+                ) from fx_error
+
+
+def _symbolic_dual(model: nn.Module, options: TraceOptions) -> DualGraphs:
     was_training = model.training
     graphs: dict[bool, fx.GraphModule] = {}
     try:
@@ -279,7 +345,114 @@ def trace_dual(
     return DualGraphs(root=model, train=graphs[True], eval=graphs[False], tracer="torch.fx")
 
 
+def export_dual(model: nn.Module, inputs: ExampleInputs) -> DualGraphs:
+    """Capture ``model`` with ``torch.export`` (non-strict), once per mode, on one root.
+
+    Non-strict export runs the real Python forward, so data-dependent Python, dataclass
+    outputs and integer inputs are fine. The ATen-level training IR keeps the model's
+    parameters (``get_attr`` on their qualified names), keeps in-place ops (batch norm
+    updates its running statistics in the training graph, as the module would) and bakes
+    ``self.training`` into each graph, hence one capture per mode. The batch dimension of every
+    input is dynamic, so nothing is specialised to the example batch size. The unlifted
+    graphs keep their pytree codegen: they take and return exactly what the model does (dicts,
+    ``ModelOutput`` dataclasses, tuples).
+
+    Both graphs are re-rooted on ``model`` itself (constants lifted by export are attached to
+    it under ``fxattn_const*``), so they share parameters like the ``torch.fx`` pair does.
+    """
+    was_training = model.training
+    graphs: dict[bool, fx.Graph] = {}
+    try:
+        for mode in (True, False):
+            model.train(mode)
+            graphs[mode] = _export_graph(model, inputs, prefix=f"fxattn_const_{mode:d}_")
+    finally:
+        model.train(was_training)
+    name = type(model).__name__
+    train = fx.GraphModule(model, graphs[True], name)
+    evaluation = fx.GraphModule(model, graphs[False], name)
+    return DualGraphs(root=model, train=train, eval=evaluation, tracer="torch.export")
+
+
+def _export_graph(model: nn.Module, inputs: ExampleInputs, prefix: str) -> fx.Graph:
+    dynamic = torch.utils._pytree.tree_map(
+        lambda leaf: {0: torch.export.Dim.AUTO} if isinstance(leaf, torch.Tensor) else None,
+        (inputs.args, inputs.kwargs),
+    )
+    if inputs.kwargs:
+        bound = inspect.signature(model.forward).bind(*dynamic[0], **dynamic[1])
+        dynamic_shapes: Any = dict(bound.arguments)
+    else:
+        dynamic_shapes = tuple(dynamic[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(
+            model, inputs.args, inputs.kwargs or None, dynamic_shapes=dynamic_shapes,
+            strict=False,
+        )
+        unlifted = program.module()
+    graph = unlifted.graph
+    for node in list(graph.nodes):
+        # The guard-checking submodule (when present) only re-validates input shapes.
+        if node.op == "call_module" and not node.users:
+            graph.erase_node(node)
+    constants = 0
+    for node in graph.find_nodes(op="get_attr"):
+        target = str(node.target)
+        try:
+            value = _fetch_attr(model, target)
+            own = value is _fetch_attr(unlifted, target)
+        except AttributeError:
+            own = False
+        if own:
+            continue
+        new_target = f"{prefix}{constants}"
+        constants += 1
+        value = _fetch_attr(unlifted, target)
+        if isinstance(value, nn.Parameter):
+            model.register_parameter(new_target, value)
+        elif isinstance(value, torch.Tensor):
+            model.register_buffer(new_target, value, persistent=False)
+        else:
+            setattr(model, new_target, value)
+        node.target = new_target
+    graph.lint()
+    return graph
+
+
+def _fetch_attr(root: Any, target: str) -> Any:
+    value = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_concrete_args(model: nn.Module, concrete_args: Mapping[str, Any] | None) -> None:
+    """Unknown ``concrete_args`` names are silently ignored by torch.fx: refuse them here."""
+    if not concrete_args:
+        return
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # builtin or C forward: nothing to check against
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(concrete_args) - set(parameters))
+    if unknown:
+        raise InputError(
+            f"concrete_args names {', '.join(map(repr, unknown))}, which "
+            f"{type(model).__name__}.forward() does not take (it takes "
+            f"{', '.join(map(repr, parameters)) or 'nothing'})"
+        )
+
+
 def _symbolic_trace(model: nn.Module, options: TraceOptions) -> fx.GraphModule:
+    _check_concrete_args(model, options.concrete_args)
     tracer = FxAttnTracer(options)
     try:
         graph = tracer.trace(model, concrete_args=dict(options.concrete_args or {}) or None)
@@ -298,8 +471,10 @@ def _describe_trace_failure(model: nn.Module, tracer: FxAttnTracer, exc: Excepti
     line = _user_source_line(exc)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     hint = (
-        "Mark that module as a leaf (TraceOptions(leaf_modules=[...]) / --leaf), fix the "
-        "value with concrete_args, or autowrap the function that branches on a tensor"
+        "Mark that module as a leaf (transform(..., leaf_modules=[ModuleClass or 'its.path'])), "
+        "fix the value it branches on with concrete_args={...}, autowrap the function that "
+        "branches on a tensor (autowrap_functions=[fn]), or make it capturable by the "
+        "export-based fallback (torch.export, e.g. torch.cond for data-dependent branches)"
     )
     return f"cannot trace {where}{line}: {first}. {hint}"
 
@@ -325,28 +500,152 @@ def propagate_shapes(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
     propagation of a *training* graph neither updates batch-norm statistics nor consumes the
     user's random stream. The modules' training flags are restored afterwards.
     """
+    with TRACE_LOCK:
+        _propagate_shapes(gm, inputs)
+
+
+def _propagate_shapes(gm: fx.GraphModule, inputs: ExampleInputs) -> None:
     flags = {module: module.training for module in gm.modules()}
+    # An exported training graph has ``training=True`` baked into its batch-norm ops, which
+    # update the running statistics in place whatever the module flags say: restore them.
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+    values = _graph_inputs(gm, inputs)
+    recorder = _ShapeRecorder(gm)
     try:
         gm.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            ShapeProp(gm).propagate(*inputs.placeholder_values(gm.graph))
+            if not _run_with_fake_tensors(recorder, values):
+                recorder = _ShapeRecorder(gm)
+                recorder.run(*values)
     except Exception as exc:  # noqa: BLE001 - the model rejected the example inputs
-        raise InputError(_describe_run_failure(gm, inputs, exc)) from exc
+        raise InputError(_describe_run_failure(recorder.failed, inputs, exc)) from exc
     finally:
         for module, flag in flags.items():
             module.training = flag
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
 
-def _describe_run_failure(gm: fx.GraphModule, inputs: ExampleInputs, exc: Exception) -> str:
-    shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs.tensors())
+def _run_with_fake_tensors(recorder: ShapeProp, values: list[Any]) -> bool:
+    """Shape propagation on fake tensors: shapes and dtypes without computing anything.
+
+    Several times faster than running the model, and nothing real (batch-norm statistics
+    included) can be written. Returns ``False`` when some op cannot run on fake tensors
+    (data-dependent leaf modules); the caller then propagates with the real inputs.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with mode:
+            fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values]
+            recorder.run(*fake)
+    except Exception:  # noqa: BLE001 - fall back to a real run, which reports real errors
+        return False
+    return True
+
+
+def _graph_inputs(gm: fx.GraphModule, inputs: ExampleInputs) -> list[Any]:
+    """The flat placeholder values; exported graphs flatten ``(args, kwargs)`` by their spec."""
+    codegen = gm.graph._codegen
+    if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info.in_spec is not None:
+        from torch.fx._pytree import tree_flatten_spec
+
+        return list(tree_flatten_spec((inputs.args, inputs.kwargs), codegen.pytree_info.in_spec))
+    return inputs.placeholder_values(gm.graph)
+
+
+class _ShapeRecorder(ShapeProp):
+    """``ShapeProp`` that remembers the failing node instead of printing a traceback.
+
+    torch's ``ShapeProp.run_node`` prints the whole traceback to stderr and replaces the
+    error by a dump of the node; the user needs the original one-line reason and the module.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.failed: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = fx.Interpreter.run_node(self, n)
+        except Exception:
+            self.failed = n
+            raise
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+def _node_location(node: fx.Node | None) -> str:
+    """``module 'layer1.0.conv1' (Conv2d)`` for the node a run failed at."""
+    if node is None:
+        return ""
+    stack = node.meta.get("nn_module_stack") or {}
+    if node.op == "call_module":
+        path = str(node.target)
+        kind = next((v[1] for v in reversed(stack.values()) if v[0] == path), None)
+    elif stack:
+        path, kind = list(stack.values())[-1]
+    else:
+        return f" at node '{node.name}'"
+    name = getattr(kind, "__name__", None) or str(kind).rsplit(".", 1)[-1].strip("'>")
+    return f" in module '{path}' ({name})" if kind else f" in module '{path}'"
+
+
+def _describe_run_failure(node: fx.Node | None, inputs: ExampleInputs, exc: Exception) -> str:
+    tensors = inputs.tensors()
+    shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in tensors)
     message = str(exc).strip().splitlines()
     first = message[0] if message else type(exc).__name__
-    node = getattr(exc, "__fxattn_node__", None)
-    where = f" at node {node}" if node else ""
-    return (
-        f"the model cannot run on the example inputs [{shapes}]{where}: {first}. "
-        "Pass inputs shaped and typed like one real batch (e.g. torch.randn(2, 3, 224, 224))"
-    )
+    hint = "pass inputs shaped and typed like one real batch (e.g. torch.randn(2, 3, 224, 224))"
+    if any(not t.is_floating_point() for t in tensors) and "scalar type" in first:
+        hint = "this model wants floating-point inputs: convert them with .float(); " + hint
+    where = _node_location(node)
+    return f"the model cannot run on the example inputs [{shapes}]{where}: {first}; {hint}"
+
+
+def check_model_inputs(model: nn.Module, inputs: ExampleInputs) -> None:
+    """Refuse a model/input mismatch before tracing, with the fix in the message.
+
+    Catches what would otherwise surface as an obscure error deep inside a kernel: parameters
+    on the meta device (never materialised), floating inputs of another dtype than the
+    model's parameters, and inputs on another device than the parameters.
+    """
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.is_meta for t in tensors):
+        raise InputError(
+            f"{type(model).__name__} has parameters on the meta device (not materialised); "
+            "call model.to_empty(device='cpu') and load weights first"
+        )
+    floating = [t for t in tensors if t.is_floating_point()]
+    if not floating:
+        return
+    dtype, device = floating[0].dtype, floating[0].device
+    for tensor in inputs.tensors():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            raise InputError(
+                f"example input is {str(tensor.dtype).replace('torch.', '')} but the model's "
+                f"parameters are {str(dtype).replace('torch.', '')}; convert the input "
+                f"(x.to({dtype})) or the model (model.to({tensor.dtype}))"
+            )
+        if tensor.device != device:
+            raise InputError(
+                f"example input is on {tensor.device} but the model is on {device}; move "
+                "them to the same device"
+            )
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -382,6 +681,7 @@ def tensor_dtype(node: fx.Node) -> torch.dtype | None:
 __all__: Sequence[str] = [
     "DualGraphs",
     "ExampleInputs",
+    "check_model_inputs",
     "FxAttnTracer",
     "TraceOptions",
     "count_parameters",

@@ -29,7 +29,14 @@ from .graph_module import DIA_ROOT, SSIA_ROOT, AttentionGraphModule, TransformIn
 from .modules.dia import DIALSTMCell, SharedSE, build_dia_module
 from .modules.ssia import PairSpec, SSIALoss, TapSpec
 from .passes import insert_dia, insert_ssia, strip_pass
-from .tracing import ExampleInputs, TraceOptions, count_parameters, propagate_shapes, trace_dual
+from .tracing import (
+    ExampleInputs,
+    TraceOptions,
+    check_model_inputs,
+    count_parameters,
+    propagate_shapes,
+    trace_dual,
+)
 
 
 def _check_model(model: Any) -> None:
@@ -52,7 +59,7 @@ def _trace_options(
     autowrap_functions: Sequence[Callable[..., Any]],
     concrete_args: Mapping[str, Any] | None,
 ) -> TraceOptions:
-    return TraceOptions(tuple(leaf_modules), tuple(autowrap_functions), concrete_args)
+    return TraceOptions(leaf_modules, autowrap_functions, concrete_args)  # validates them
 
 
 class _Prepared:
@@ -68,6 +75,7 @@ class _Prepared:
     ) -> None:
         _check_model(model)
         self.inputs = ExampleInputs.from_user(example_inputs)
+        check_model_inputs(model, self.inputs)
         self.root = copy.deepcopy(model)  # never trace, run or rewire the caller's model
         self.graphs = trace_dual(self.root, self.inputs, options)
         propagate_shapes(self.graphs.train, self.inputs)
