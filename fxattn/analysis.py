@@ -835,7 +835,17 @@ def analyze(
             ]
             if candidates:
                 notes.append("no residual additions: DIA multiplies the stage outputs instead")
-        sites, modules = assign_groups(_select(candidates, dia), dia)
+        selected = _select(candidates, dia)
+        narrow = [s for s in selected if s.channels // dia.reduction < 1]
+        if narrow and len(narrow) < len(selected):
+            # e.g. a segmentation head adding two num_classes-wide maps: too narrow for DIA.
+            # Only when every site is that narrow is the reduction itself wrong (ConfigError).
+            notes.append(
+                f"skipped {len(narrow)} site(s) narrower than the DIA reduction "
+                f"{dia.reduction}: " + ", ".join(f"{s.node} ({s.channels})" for s in narrow)
+            )
+            selected = [s for s in selected if s.channels // dia.reduction >= 1]
+        sites, modules = assign_groups(selected, dia)
 
     pairs = pair_taps(taps, ssia) if ssia is not None else []
     for pair in pairs:

@@ -1,0 +1,560 @@
+"""Zoo coverage: the whole fxattn pipeline on every model of the zoos, one subprocess each.
+
+For each model (random weights, small input where the model allows it):
+
+    trace -> analyze -> insert   (fxattn.transform, DIA + SSIA)
+    train                        (one SGD step on a task loss + fxattn.ssia_loss)
+    strip                        (fxattn.strip_ssia; lean output == eval output)
+    export                       (fxattn.onnx_export.export_onnx, dynamic batch)
+    parity                       (onnxruntime vs PyTorch at batch 2 and 3)
+
+and records the first stage that failed with the error's first line, plus which tracer served
+(``torch.fx`` or the ``torch.export`` fallback) and whether plain ``torch.fx.symbolic_trace``
+could trace the original at all. Each model runs in its own subprocess under a time limit, so a
+crash, a hang or a memory blow-up costs that model only.
+
+Model lists: every torchvision classification model, the torchvision segmentation models, one
+representative (the smallest variant) of every timm architecture module, a set of Hugging Face
+``transformers`` models built from their default configs, and a diffusers ``UNet2DModel``.
+
+Results go to ``benchmarks/results/zoo.json`` (one record per model, written after every model,
+so an interrupted run resumes where it stopped) and ``zoo.md`` (summary + failures tables).
+
+Usage::
+
+    python benchmarks/zoo_coverage.py                    # everything, resumable, 1 job
+    python benchmarks/zoo_coverage.py --family timm --jobs 2
+    python benchmarks/zoo_coverage.py --only 'resnet|vit' --retry-failed
+    python benchmarks/zoo_coverage.py --report           # rewrite zoo.md from zoo.json only
+    python benchmarks/zoo_coverage.py --child timm:resnet18  # one model, JSON on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+STAGES = ("build", "trace", "analyze", "insert", "train", "strip", "export", "parity")
+FAMILIES = ("torchvision", "torchvision.segmentation", "timm", "transformers", "diffusers")
+PARITY_ATOL = 1e-4  # absolute, for outputs of magnitude <= 1; relative beyond that
+RESULT_MARK = "@@ZOO_RESULT@@"
+
+# --------------------------------------------------------------------------- model lists
+
+
+def torchvision_models() -> list[str]:
+    import torchvision
+
+    return [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+
+
+def torchvision_segmentation_models() -> list[str]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models.segmentation)
+    return [f"torchvision.segmentation:{n}" for n in names]
+
+
+_SIZE_WORDS = ("atto", "femto", "pico", "nano", "micro", "xxxs", "xxs", "xs", "mini", "tiny",
+               "small", "s", "medium", "m", "base", "b", "large", "l", "huge", "h", "giant", "g")
+
+
+def _variant_size(name: str) -> tuple[int, float, int]:
+    """Sort key, smallest first: size word, then the numbers in the name, then its length.
+
+    Building all ~1,400 timm variants (even on the ``meta`` device) to count parameters takes
+    many minutes on a shared CPU; timm's names encode size consistently enough (``_atto`` <
+    ``_tiny`` < ``_small``, ``resnet10`` < ``resnet50``, ``_050`` < ``_100``) to pick the
+    smallest variant from the name alone.
+    """
+    tokens = re.split(r"[_.]", name)
+    words = [t.rstrip("0123456789") for t in tokens]  # "s0", "b1", "m4" name sizes too
+    base = _SIZE_WORDS.index("base")  # a name without a size word is a plain model
+    word = min((_SIZE_WORDS.index(w) for w in words if w in _SIZE_WORDS), default=base)
+    numbers = [int(n) for n in re.findall(r"\d+", name)]
+    return word, sum(numbers) if numbers else math.inf, len(name)
+
+
+def timm_representatives() -> list[str]:
+    """One model per timm architecture module (``timm.models.<module>``): its smallest variant.
+
+    Variants with a fixed large input (``_384``, ``_448``, ...) count as larger than the rest.
+    """
+    import timm
+    from timm.models import model_entrypoint
+
+    modules: dict[str, list[str]] = defaultdict(list)
+    for name in timm.list_models():
+        modules[model_entrypoint(name).__module__.rsplit(".", 1)[-1]].append(name)
+    return [f"timm:{min(names, key=_variant_size)}" for _, names in sorted(modules.items())]
+
+
+HF_MODELS = (
+    "ResNetForImageClassification",
+    "ConvNextForImageClassification",
+    "ViTForImageClassification",
+    "SwinForImageClassification",
+    "BertForSequenceClassification",
+    "GPT2LMHeadModel",
+    "DistilBertForSequenceClassification",
+    "MobileViTForImageClassification",
+    "SegformerForSemanticSegmentation",
+)
+
+
+def all_models(families: tuple[str, ...]) -> list[str]:
+    ids: list[str] = []
+    if "torchvision" in families:
+        ids += torchvision_models()
+    if "torchvision.segmentation" in families:
+        ids += torchvision_segmentation_models()
+    if "timm" in families:
+        ids += timm_representatives()
+    if "transformers" in families:
+        ids += [f"transformers:{n}" for n in HF_MODELS]
+    if "diffusers" in families:
+        ids += ["diffusers:UNet2DModel"]
+    return ids
+
+
+# --------------------------------------------------------------------------- building (child)
+
+
+def _image_candidates(
+    factory: Callable[..., Any], sizes: tuple[int, ...], kwargs_for: Callable[[int], dict]
+) -> tuple[Any, Any, str]:
+    """The first (model, input) whose eval forward runs, smallest input first."""
+    import torch
+
+    errors = []
+    for size in sizes:
+        for kwargs in (kwargs_for(size), {}):
+            try:
+                torch.manual_seed(0)
+                model = factory(**kwargs)
+                x = torch.randn(2, 3, size, size)
+                model.eval()
+                with torch.no_grad():
+                    model(x)
+                return model, x, f"2x3x{size}x{size}"
+            except Exception as exc:  # noqa: BLE001 - try the next size
+                errors.append(f"{size}: {_first_line(exc)}")
+            if not kwargs_for(size):
+                break
+    raise RuntimeError("no input size works: " + "; ".join(errors[-2:]))
+
+
+def build(model_id: str) -> tuple[Any, Any, str]:
+    """``(model, example_inputs, input description)`` for a zoo id, random weights."""
+    import torch
+
+    family, name = model_id.split(":", 1)
+    if family == "torchvision":
+        import torchvision
+
+        def tv(**kwargs: Any) -> Any:
+            return torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+
+        sizes = (64, 96, 128, 224, 299)
+        return _image_candidates(
+            tv, sizes, lambda s: {"image_size": s} if name.startswith("vit_") else {}
+        )
+    if family == "torchvision.segmentation":
+        import torchvision
+
+        def seg(**kwargs: Any) -> Any:
+            return torchvision.models.get_model(
+                name, weights=None, weights_backbone=None, num_classes=5, **kwargs
+            )
+
+        return _image_candidates(seg, (64, 96, 128), lambda s: {})
+    if family == "timm":
+        import timm
+
+        cfg = timm.get_pretrained_cfg(name)
+        default = int(cfg.input_size[-1]) if cfg and cfg.input_size else 224
+
+        def tm(**kwargs: Any) -> Any:
+            return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+        sizes = tuple(dict.fromkeys(s for s in (64, 96, 128, 160, default) if s <= default))
+        return _image_candidates(tm, sizes or (default,), lambda s: {"img_size": s})
+    if family == "transformers":
+        return _build_transformers(name)
+    if family == "diffusers":
+        from diffusers import UNet2DModel
+
+        torch.manual_seed(0)
+        unet = UNet2DModel(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+        )
+        inputs = (torch.randn(2, 3, 32, 32), torch.tensor([10, 500]))
+        return unet, inputs, "sample 2x3x32x32, timestep (2,) int64"
+    raise ValueError(f"unknown family {family!r}")
+
+
+def _build_transformers(name: str) -> tuple[Any, Any, str]:
+    """A transformers model from its default config (no download), shortened to 2 layers.
+
+    The architecture is the default config's; only the depth is cut (and GPT-2's KV cache
+    switched off, which a training step does not use) to keep the run short on a CPU.
+    """
+    import torch
+    import transformers
+
+    cls = getattr(transformers, name)
+    config = cls.config_class()
+    for attr in ("num_hidden_layers", "n_layer", "n_layers"):
+        if hasattr(config, "depths"):
+            break  # staged models (ConvNeXt, Swin, ResNet): num_hidden_layers is derived
+        if isinstance(getattr(config, attr, None), int):
+            setattr(config, attr, 2)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    torch.manual_seed(0)
+    model = cls(config)
+    vocab = getattr(config, "vocab_size", None)
+    if "ImageClassification" in name or "SemanticSegmentation" in name:
+        size = int(getattr(config, "image_size", 64) or 64)
+        size = size if isinstance(size, int) else 224
+        if name.startswith(("ResNet", "ConvNext", "Swin", "Segformer")):
+            size = 64
+        channels = int(getattr(config, "num_channels", 3))
+        inputs = {"pixel_values": torch.randn(2, channels, size, size)}
+        return model, inputs, f"pixel_values 2x{channels}x{size}x{size}"
+    ids = torch.randint(0, int(vocab or 1000), (2, 16))
+    return model, {"input_ids": ids}, "input_ids 2x16 int64"
+
+
+# --------------------------------------------------------------------------- the pipeline (child)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    marker = "(the torch.export fallback failed too: "
+    if marker in text:  # both tracers failed: keep the gist of each
+        fx_part, export_part = text.split(marker, 1)
+        text = f"torch.export: {export_part.rstrip(')')} | torch.fx: {fx_part[:160]}"
+    line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {line}"[:400]
+
+
+def _float_leaves(value: Any) -> list[Any]:
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _call(module: Any, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return module(**inputs)
+    if isinstance(inputs, tuple):
+        return module(*inputs)
+    return module(inputs)
+
+
+def run_pipeline(model_id: str) -> dict[str, Any]:
+    """The whole pipeline on one model; the record says how far it got."""
+    import torch
+
+    import fxattn
+    from fxattn.errors import AnalysisError, ConfigError, InputError, TraceError
+    from fxattn.onnx_export import export_onnx, verify_onnx
+    from fxattn.tracing import ExampleInputs
+
+    torch.set_num_threads(1)
+    family, name = model_id.split(":", 1)
+    record: dict[str, Any] = {"id": model_id, "family": family, "name": name, "status": "failed"}
+    started = time.perf_counter()
+    stage = "build"
+    try:
+        model, inputs, described = build(model_id)
+        record["input"] = described
+        record["parameters"] = sum(p.numel() for p in model.parameters())
+        if family == "timm":
+            from timm.models import model_entrypoint
+
+            record["module"] = model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+        try:
+            torch.fx.symbolic_trace(copy.deepcopy(model))
+            record["plain_fx"] = True
+        except Exception:  # noqa: BLE001 - only whether plain FX can trace it matters
+            record["plain_fx"] = False
+
+        stage = "trace"
+        try:
+            net = fxattn.transform(model, inputs, dia=True, ssia=True)
+        except TraceError:
+            raise
+        except (AnalysisError, ConfigError, InputError):
+            stage = "analyze"
+            raise
+        except Exception:
+            stage = "insert"
+            raise
+        plan = net.plan
+        record.update(tracer=plan.tracer, sites=len(plan.sites), taps=len(plan.taps),
+                      pairs=len(plan.active_pairs), dia_parameters=plan.dia_parameters)
+
+        stage = "train"
+        net.train()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        out = _call(net, inputs)
+        task = sum(t.float().pow(2).mean() for t in _float_leaves(out))
+        ssia = fxattn.ssia_loss(net)
+        loss = task + ssia
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is not finite: {loss.item()}")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        record["ssia_loss"] = float(ssia.detach())
+
+        stage = "strip"
+        lean = fxattn.strip_ssia(net)
+        net.eval()
+        with torch.no_grad():
+            expected = _float_leaves(_call(net, inputs))
+            got = _float_leaves(_call(lean, inputs))
+        if len(got) != len(expected) or not all(
+            torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(got, expected, strict=True)
+        ):
+            raise AssertionError("the stripped model's output differs from the eval output")
+        record["ssia_nodes_removed"] = lean.meta["fxattn_strip"].removed_nodes
+
+        stage = "export"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            report = export_onnx(lean, path, inputs, verify=False)
+            record.update(exporter=report.exporter, onnx_nodes=report.nodes)
+            stage = "parity"
+            abs_err, rel_err = verify_onnx(
+                str(path), lean, ExampleInputs.from_user(inputs), (2, 3), math.inf
+            )
+        record.update(max_abs_error=abs_err, max_rel_error=rel_err)
+        if not (abs_err <= PARITY_ATOL or rel_err <= PARITY_ATOL):
+            raise AssertionError(
+                f"onnxruntime vs PyTorch: max abs error {abs_err:.2e}, relative {rel_err:.2e}"
+            )
+        record["status"] = "ok"
+        stage = "done"
+    except Exception as exc:  # noqa: BLE001 - the record names the stage and the reason
+        record["error"] = _first_line(exc)
+        record["traceback_tail"] = traceback.format_exc().strip().splitlines()[-6:]
+        if stage == "export":
+            record["original_exports"] = _original_exports(model, inputs)
+    record["stage"] = stage
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def _original_exports(model: Any, inputs: Any) -> bool | None:
+    """Whether torch.onnx can export the *original* model (judges export failures)."""
+    try:
+        from fxattn.onnx_export import export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export_onnx(copy.deepcopy(model).eval(), Path(tmp) / "m.onnx", inputs, verify=False)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# --------------------------------------------------------------------------- the driver (parent)
+
+
+def run_child(model_id: str, timeout: float) -> dict[str, Any]:
+    family, name = model_id.split(":", 1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="0")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", model_id]
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"id": model_id, "family": family, "name": name, "status": "failed",
+                "stage": "timeout", "error": f"no result within {timeout:.0f} s",
+                "seconds": round(time.perf_counter() - started, 1)}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"id": model_id, "family": family, "name": name, "status": "failed",
+            "stage": "crash", "error": f"exit code {proc.returncode}: {tail[0][:300]}",
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def load_results(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    return {r["id"]: r for r in json.loads(path.read_text()).get("models", [])}
+
+
+def save_results(path: Path, results: dict[str, dict[str, Any]], planned: list[str]) -> None:
+    import timm
+    import torch
+    import torchvision
+
+    data = {
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "timm": timm.__version__, **_optional_versions()},
+        "planned": planned,
+        "models": [results[k] for k in sorted(results)],
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def _optional_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("transformers", "diffusers", "onnxruntime"):
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def write_markdown(path: Path, results: dict[str, dict[str, Any]], planned: list[str]) -> None:
+    rows = ["| family | models | whole pipeline OK | % | torch.fx | torch.export | "
+            "plain FX fails | failures by stage |", "|---|---|---|---|---|---|---|---|"]
+    by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in results.values():
+        by_family[record["family"]].append(record)
+    planned_by_family = Counter(p.split(":", 1)[0] for p in planned)
+    for family in FAMILIES:
+        records = by_family.get(family, [])
+        if not records and not planned_by_family.get(family):
+            continue
+        ok = sum(r["status"] == "ok" for r in records)
+        tracers = Counter(r.get("tracer") for r in records)
+        plain = sum(r.get("plain_fx") is False for r in records)
+        stages = Counter(r["stage"] for r in records if r["status"] != "ok")
+        failed = ", ".join(f"{s} {n}" for s, n in stages.most_common()) or "-"
+        done = len(records)
+        pct = f"{100 * ok / done:.0f}%" if done else "-"
+        total = planned_by_family.get(family, done)
+        rows.append(f"| {family} | {done} of {total} run | {ok} | {pct} | "
+                    f"{tracers.get('torch.fx', 0)} | {tracers.get('torch.export', 0)} | "
+                    f"{plain} | {failed} |")
+    missing = [p for p in planned if p not in results]
+    failures = ["| model | stage | tracer | reason |", "|---|---|---|---|"]
+    for record in sorted(results.values(), key=lambda r: r["id"]):
+        if record["status"] == "ok":
+            continue
+        reason = str(record.get("error", "")).replace("|", "\\|").replace("\n", " ")[:240]
+        extra = ""
+        if record["stage"] == "export" and record.get("original_exports") is False:
+            extra = " (torch.onnx cannot export the original either)"
+        failures.append(f"| {record['id']} | {record['stage']} | {record.get('tracer', '-')} | "
+                        f"{reason}{extra} |")
+    text = [
+        "# Zoo coverage",
+        "",
+        "The whole fxattn pipeline per model, random weights, small inputs: transform (DIA + "
+        "SSIA) -> one training step -> strip -> ONNX export -> onnxruntime parity (batch 2 and "
+        f"3, max abs error <= {PARITY_ATOL:g} or relative <= {PARITY_ATOL:g}). One subprocess "
+        "per model. `plain FX fails`: models `torch.fx.symbolic_trace` cannot trace; "
+        "`torch.export`: models served by fxattn's export-based capture.",
+        "",
+        "Command: `python benchmarks/zoo_coverage.py` (see the script's docstring).",
+        "",
+    ]
+    if missing:
+        text += [f"**Partial run:** {len(missing)} of {len(planned)} planned models have no "
+                 "result yet: " + ", ".join(missing[:40]) + (" ..." if len(missing) > 40 else ""),
+                 ""]
+    text += ["## Summary", "", *rows, ""]
+    timm_records = by_family.get("timm", [])
+    if timm_records:
+        text += [f"timm: one representative (the smallest variant) per architecture module; "
+                 f"{sum(r['status'] == 'ok' for r in timm_records)} of {len(timm_records)} "
+                 "modules pass the whole pipeline.", ""]
+    text += ["## Failures", "", *(failures if len(failures) > 2 else ["None."]), ""]
+    path.write_text("\n".join(text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", action="append", choices=FAMILIES,
+                        help="restrict to a family (repeatable); default all")
+    parser.add_argument("--only", help="regex on model ids")
+    parser.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                        help="parallel subprocesses (the CPU is shared: default 1)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per model")
+    parser.add_argument("--fresh", action="store_true", help="ignore existing results")
+    parser.add_argument("--retry-failed", action="store_true", help="rerun failed models")
+    parser.add_argument("--report", action="store_true", help="only rewrite zoo.md")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        record = run_pipeline(args.child)
+        print(RESULT_MARK + json.dumps(record, default=str), flush=True)
+        return 0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = args.out / "zoo.json", args.out / "zoo.md"
+    families = tuple(args.family or FAMILIES)
+    results = {} if args.fresh else load_results(json_path)
+    planned = all_models(families)
+    if args.family and json_path.exists():
+        previous = json.loads(json_path.read_text()).get("planned", [])
+        planned = list(dict.fromkeys(previous + planned))
+    selected = [m for m in planned if m.split(":", 1)[0] in families]
+    if args.only:
+        selected = [m for m in selected if re.search(args.only, m)]
+    todo = [m for m in selected if m not in results
+            or (args.retry_failed and results[m]["status"] != "ok")]
+    if args.report:
+        todo = []
+    lock = threading.Lock()
+
+    def one(model_id: str) -> None:
+        record = run_child(model_id, args.timeout)
+        with lock:
+            results[model_id] = record
+            save_results(json_path, results, planned)
+            write_markdown(md_path, results, planned)
+            where = ""
+            if record["status"] != "ok":
+                where = f" at {record['stage']}: {record.get('error')}"
+            print(f"[{len(results)}/{len(planned)}] {model_id}: {record['status']}"
+                  f" ({record.get('tracer', '-')}, {record['seconds']} s){where}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, todo))
+    save_results(json_path, results, planned)
+    write_markdown(md_path, results, planned)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""A fast cross-section of the zoo through the whole pipeline (the full run is
+``benchmarks/zoo_coverage.py``).
+
+transform (DIA + SSIA) -> one SGD step (task + SSIA loss) changes DIA parameters -> strip (the
+lean output equals the evaluation output, no SSIA left) -> ONNX export -> onnxruntime parity
+<= 1e-4 at batch 2 and 3. The models span torchvision (classification with train-only auxiliary
+outputs, segmentation with a dict output), timm (CNN, ViT), Hugging Face transformers (token-id
+inputs, ``ModelOutput`` dataclass outputs: only the ``torch.export`` capture can take them) and a
+diffusers UNet (two inputs, one of them an integer timestep). Small configs and inputs keep the
+whole file to a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch.utils._pytree import tree_leaves
+
+import fxattn
+from fxattn.graph_module import DIA_ROOT, SSIA_ROOT
+from fxattn.onnx_export import export_onnx
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tv(name: str, size: int, **kwargs: Any) -> Callable[[], tuple[torch.nn.Module, Any]]:
+    def make() -> tuple[torch.nn.Module, Any]:
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        return model, torch.randn(2, 3, size, size)
+
+    return make
+
+
+def _timm(name: str, size: int, **kwargs: Any) -> Callable[[], tuple[torch.nn.Module, Any]]:
+    def make() -> tuple[torch.nn.Module, Any]:
+        model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+        return model, torch.randn(2, 3, size, size)
+
+    return make
+
+
+def _bert() -> tuple[torch.nn.Module, Any]:
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100)
+    model = transformers.BertForSequenceClassification(config)
+    return model, {"input_ids": torch.randint(0, 100, (2, 12))}
+
+
+def _gpt2() -> tuple[torch.nn.Module, Any]:
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100,
+                                     n_positions=32, use_cache=False)
+    return transformers.GPT2LMHeadModel(config), {"input_ids": torch.randint(0, 100, (2, 12))}
+
+
+def _hf_vit() -> tuple[torch.nn.Module, Any]:
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, num_labels=10)
+    model = transformers.ViTForImageClassification(config)
+    return model, {"pixel_values": torch.randn(2, 3, 32, 32)}
+
+
+def _unet() -> tuple[torch.nn.Module, Any]:
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+    )
+    return model, (torch.randn(2, 3, 16, 16), torch.tensor([3, 700]))
+
+
+# (id, builder, tracer that must serve it)
+SUBSET: list[tuple[str, Callable[[], tuple[torch.nn.Module, Any]], str]] = [
+    ("torchvision:resnet18", _tv("resnet18", 32, num_classes=10), "torch.fx"),
+    ("torchvision:mobilenet_v3_small", _tv("mobilenet_v3_small", 32, num_classes=10),
+     "torch.fx"),
+    # train mode returns GoogLeNetOutputs (logits + two auxiliary heads), eval a tensor
+    ("torchvision:googlenet", _tv("googlenet", 64, num_classes=10, init_weights=False),
+     "torch.fx"),
+    ("torchvision.segmentation:lraspp_mobilenet_v3_large",
+     _tv("lraspp_mobilenet_v3_large", 64, num_classes=3, weights_backbone=None), "torch.fx"),
+    ("timm:convnext_atto", _timm("convnext_atto", 32), "torch.fx"),
+    ("timm:mobilenetv3_small_050", _timm("mobilenetv3_small_050", 32), "torch.fx"),
+    ("timm:vit_tiny_patch16_224", _timm("vit_tiny_patch16_224", 32, img_size=32, patch_size=8),
+     "torch.fx"),
+    ("transformers:BertForSequenceClassification", _bert, "torch.export"),
+    ("transformers:GPT2LMHeadModel", _gpt2, "torch.export"),
+    ("transformers:ViTForImageClassification", _hf_vit, "torch.export"),
+    ("diffusers:UNet2DModel", _unet, "torch.export"),
+]
+
+
+def _call(module: torch.nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return module(**inputs)
+    if isinstance(inputs, tuple):
+        return module(*inputs)
+    return module(inputs)
+
+
+def _floats(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@pytest.mark.parametrize(("model_id", "make", "tracer"), SUBSET, ids=[m for m, _, _ in SUBSET])
+def test_zoo_model_whole_pipeline(
+    model_id: str, make: Callable[[], tuple[torch.nn.Module, Any]], tracer: str, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model, inputs = make()
+    model.eval()
+    with torch.no_grad():
+        reference = _floats(_call(model, inputs))
+
+    net = fxattn.transform(model, inputs, dia=True, ssia=True)
+    assert net.plan.tracer == tracer
+    assert net.plan.sites, "no DIA site"
+    assert net.plan.active_pairs, "no SSIA pair"
+
+    # Train mode: one SGD step on task + SSIA loss; the DIA parameters move.
+    net.train()
+    out = _call(net, inputs)
+    ssia = fxattn.ssia_loss(net)
+    assert ssia.dim() == 0 and torch.isfinite(ssia) and ssia.item() >= 0
+    before = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(DIA_ROOT)}
+    task = sum(t.pow(2).mean() for t in _floats(out))
+    (task + ssia).backward()
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    after = net.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items()), "DIA did not learn"
+
+    # Eval mode: the DIA-only graph; the stripped module computes exactly the same, has no
+    # SSIA left, and keeps the original's output structure.
+    net.eval()
+    lean = fxattn.strip_ssia(net)
+    assert not any(name.startswith(SSIA_ROOT) for name, _ in lean.named_modules())
+    with torch.no_grad():
+        expected = _floats(_call(net, inputs))
+        got = _floats(_call(lean, inputs))
+    assert len(got) == len(expected) == len(reference)
+    for a, b, ref in zip(got, expected, reference, strict=True):
+        assert a.shape == ref.shape
+        torch.testing.assert_close(a, b)
+
+    # 1e-4 absolute for outputs of unit scale, relative beyond (the training step moved the
+    # batch-norm statistics, so some outputs are in the hundreds).
+    atol = 1e-4 * max(1.0, max(float(t.abs().max()) for t in got))
+    report = export_onnx(lean, tmp_path / "model.onnx", inputs, batch_sizes=(2, 3), atol=atol)
+    assert report.verified and report.max_abs_error <= atol, model_id
