@@ -98,6 +98,19 @@ class AttentionGraphModule(fx.GraphModule):
                 ssia.latest = None  # no stale training loss after switching to eval
         return super().train(mode)
 
+    def recompile(self) -> Any:
+        # FSDP2's fully_shard swaps in a subclass of this per-instance class. fx's recompile
+        # (run by every train/eval graph swap) would then wrap __call__ on that subclass around
+        # the one it inherits, which calls back into the subclass: infinite recursion. Reusing
+        # the inherited call wrapper keeps one level of wrapping.
+        cls = type(self)
+        if "_wrapped_call" not in vars(cls):
+            for base in cls.__mro__[1:]:
+                if "_wrapped_call" in vars(base):
+                    cls._wrapped_call = vars(base)["_wrapped_call"]
+                    break
+        return super().recompile()
+
     def _deepcopy_init(self) -> Callable[..., None]:
         def init(res: AttentionGraphModule, fake_mod: nn.Module, _graph: fx.Graph) -> None:
             state = fake_mod.__dict__
