@@ -115,6 +115,8 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
     from .specs import build_model, parse_shape, random_input
 
+    if not args.model.strip():
+        raise ModelSpecError("empty model spec; use e.g. torchvision:resnet18 or timm:resnet50")
     if Path(args.model).suffix in (".fxattn", ".pt", ".pth") and not Path(args.model).exists():
         raise ModelSpecError(f"no such file: {args.model}")
     if Path(args.model).suffix in (".fxattn", ".pt", ".pth") or Path(args.model).exists():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,15 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None) -> BuiltModel:
             return _timm(name, spec, kwargs)
         if _IMPORT_SPEC.match(spec):
             return _factory(spec, kwargs)
-    except TypeError as exc:
+    except ModelSpecError:
+        raise
+    except TypeError as exc:  # usually an option the factory does not take
         raise ModelSpecError(f"cannot build {spec} with options {kwargs}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the factory's own failure, reported in one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelSpecError(
+            f"building {spec} with options {kwargs} failed: {type(exc).__name__}: {first}"
+        ) from exc
     raise ModelSpecError(
         f"unknown model spec {spec!r}; use torchvision:NAME, timm:NAME, package.module:factory "
         "or the path of a file saved by fxattn"
@@ -82,7 +90,9 @@ def _factory(spec: str, kwargs: dict[str, Any]) -> BuiltModel:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelSpecError(f"cannot import {module_name!r} for model spec {spec}: {exc}") from None
+        raise ModelSpecError(
+            f"cannot import {module_name!r} for model spec {spec}: {exc}"
+        ) from None
     factory = getattr(module, factory_name, None)
     if factory is None or not callable(factory):
         raise ModelSpecError(f"{module_name} has no callable {factory_name!r}")
@@ -104,11 +114,24 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
-        raise ModelSpecError(f"input shape {text!r} is not a comma-separated list of integers") from None
+        raise ModelSpecError(
+            f"input shape {text!r} is not a comma-separated list of integers"
+        ) from None
     if len(shape) < 2 or any(s <= 0 for s in shape):
-        raise ModelSpecError(f"input shape {text!r} needs a batch and positive sizes, e.g. 2,3,224,224")
+        raise ModelSpecError(
+            f"input shape {text!r} needs a batch and positive sizes, e.g. 2,3,224,224"
+        )
     return shape
 
 
 def random_input(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    """A reproducible random example input; a shape too large for memory is a clear error."""
+    try:
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    except (RuntimeError, MemoryError) as exc:
+        gigabytes = math.prod(shape) * 4 / 1e9
+        raise ModelSpecError(
+            f"cannot allocate an example input of shape {','.join(map(str, shape))} "
+            f"({gigabytes:.1f} GB in float32): {str(exc).strip().splitlines()[0][:80]}; use a "
+            "smaller --input-shape"
+        ) from None

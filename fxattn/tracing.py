@@ -21,12 +21,16 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import math
+import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -325,7 +329,9 @@ def trace_dual(
             return _symbolic_dual(model, options)
         except TraceError as fx_error:
             try:
-                return export_dual(model, inputs)
+                with _silenced("torch.fx.experimental.symbolic_shapes", "torch._export",
+                               "torch.export", "torch._dynamo"), _stderr_kept_on_success():
+                    return export_dual(model, inputs)
             except Exception as export_error:  # noqa: BLE001 - report both tracers' failures
                 raise TraceError(
                     f"{fx_error} (the torch.export fallback failed too: "
@@ -537,13 +543,58 @@ def _run_with_fake_tensors(recorder: ShapeProp, values: list[Any]) -> bool:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # A failing meta kernel is logged by torch with its whole traceback on stderr; the real
+    # run that follows reports the failure as one clear InputError, so drop those records.
     try:
-        with mode:
+        with _silenced("torch._subclasses.fake_tensor"), mode:
             fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values]
             recorder.run(*fake)
     except Exception:  # noqa: BLE001 - fall back to a real run, which reports real errors
         return False
     return True
+
+
+class _DropRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _silenced(*loggers: str) -> Iterator[None]:
+    """Drop what torch logs while fxattn *tries* something it will report itself.
+
+    torch logs failed attempts with whole tracebacks or graph dumps on stderr (fake-tensor
+    meta kernels, torch.export's data-dependent guards); when fxattn falls back or raises
+    its own one-line error, those records are noise. Callers hold ``TRACE_LOCK``.
+    """
+    drop = _DropRecords()
+    # A logger's filters see only its own records, not its children's: filter every logger
+    # under each name (``torch.export`` -> ``torch.export._trace``, ...).
+    known = list(logging.root.manager.loggerDict)
+    targets = [logging.getLogger(name) for name in known
+               if any(name == prefix or name.startswith(prefix + ".") for prefix in loggers)]
+    targets += [logging.getLogger(name) for name in loggers]
+    for logger in targets:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in targets:
+            logger.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _stderr_kept_on_success() -> Iterator[None]:
+    """Hold back what is printed on stderr; show it only if the block succeeds.
+
+    ``torch.export`` prints the partial graph of a failed capture straight to ``sys.stderr``.
+    When the export fallback fails too, fxattn raises one TraceError that says why, so that
+    dump is dropped. Callers hold ``TRACE_LOCK``.
+    """
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer):
+        yield
+    sys.stderr.write(buffer.getvalue())
 
 
 def _graph_inputs(gm: fx.GraphModule, inputs: ExampleInputs) -> list[Any]:
@@ -617,6 +668,25 @@ def _describe_run_failure(node: fx.Node | None, inputs: ExampleInputs, exc: Exce
     return f"the model cannot run on the example inputs [{shapes}]{where}: {first}; {hint}"
 
 
+def _check_not_wrapped(model: nn.Module) -> None:
+    """Wrappers hide the Python forward that torch.fx traces: ask for the module inside."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError(
+            f"{type(model).__name__} is a TorchScript module, which torch.fx cannot trace; "
+            "pass the Python nn.Module it was scripted from"
+        )
+    if hasattr(model, "_orig_mod"):
+        raise InputError(
+            "the model is wrapped by torch.compile; pass model._orig_mod to fxattn and "
+            "compile the module fxattn returns"
+        )
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise InputError(
+            f"the model is wrapped in {type(model).__name__}; pass model.module to fxattn "
+            "and wrap the module fxattn returns"
+        )
+
+
 def check_model_inputs(model: nn.Module, inputs: ExampleInputs) -> None:
     """Refuse a model/input mismatch before tracing, with the fix in the message.
 
@@ -624,6 +694,7 @@ def check_model_inputs(model: nn.Module, inputs: ExampleInputs) -> None:
     on the meta device (never materialised), floating inputs of another dtype than the
     model's parameters, and inputs on another device than the parameters.
     """
+    _check_not_wrapped(model)
     tensors = list(model.parameters()) + list(model.buffers())
     if any(t.is_meta for t in tensors):
         raise InputError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,6 +62,12 @@ def assert_untouched(model: nn.Module, snapshot: dict[str, torch.Tensor],
     assert fingerprint(model) == before
 
 
+def scripted(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        return torch.jit.script(model)
+
+
 def meta_model() -> nn.Module:
     with torch.device("meta"):
         return CifarResNet(depth=11, num_classes=10)
@@ -106,8 +113,16 @@ API_CASES: list[Case] = [
     ("inputs-unknown-keyword", TwoInputs,
      lambda m: fxattn.inspect(m, {"image": X, "side": torch.randn(2, 2)}, dia=False, ssia=False),
      fxattn.InputError, ("'side'", "'image', 'extra'")),
+    ("inputs-wrong-features", PlainMLP, lambda m: fxattn.inspect(m, torch.randn(2, 7)),
+     fxattn.InputError, ("in module 'net.0' (Linear)", "(2x7 and 16x32)")),
     ("model-on-meta-device", meta_model, lambda m: fxattn.transform(m, X),
      fxattn.InputError, ("meta device", "to_empty")),
+    ("model-torch-compiled", lambda: torch.compile(small_resnet()),
+     lambda m: fxattn.transform(m, X), fxattn.InputError, ("torch.compile", "model._orig_mod")),
+    ("model-data-parallel", lambda: nn.DataParallel(small_resnet()),
+     lambda m: fxattn.transform(m, X), fxattn.InputError, ("DataParallel", "model.module")),
+    ("model-torchscript", lambda: scripted(small_resnet()),
+     lambda m: fxattn.transform(m, X), fxattn.InputError, ("TorchScript", "Python nn.Module")),
     ("no-dia-site", PlainMLP, lambda m: fxattn.transform(m, torch.randn(2, 16)),
      fxattn.AnalysisError, ("no DIA site", "PlainMLP", "include", "dia=False")),
     ("no-ssia-taps", PlainMLP, lambda m: fxattn.transform(m, torch.randn(2, 16), dia=False),
@@ -134,8 +149,8 @@ API_CASES: list[Case] = [
     ("reduction-zero", small_resnet, lambda m: fxattn.transform(m, X, dia={"reduction": 0}),
      fxattn.ConfigError, ("reduction must be >= 1", "got 0")),
     ("reduction-above-channels", small_resnet,
-     lambda m: fxattn.transform(m, X, dia=fxattn.DIA(reduction=65)),
-     fxattn.ConfigError, ("reduction 65 exceeds the 64 channels", "<= 64")),
+     lambda m: fxattn.transform(m, X, dia=fxattn.DIA(reduction=257)),
+     fxattn.ConfigError, ("reduction 257 exceeds the 64 channels", "<= 64")),
     ("reduction-not-integer", small_resnet, lambda m: fxattn.DIA(reduction=2.5),
      fxattn.ConfigError, ("positive integer", "2.5")),
     ("reduction-nan", small_resnet, lambda m: fxattn.DIA(reduction=float("nan")),
@@ -189,15 +204,18 @@ def _forward_then_eval(net: fxattn.AttentionGraphModule) -> fxattn.AttentionGrap
 @pytest.mark.parametrize(("factory", "call", "error", "fragments"),
                          [case[1:] for case in API_CASES], ids=[case[0] for case in API_CASES])
 def test_api_catalog(factory: Callable[[], Any], call: Callable[[Any], Any],
-                     error: type[Exception], fragments: tuple[str, ...]) -> None:
+                     error: type[Exception], fragments: tuple[str, ...],
+                     capfd: pytest.CaptureFixture[str]) -> None:
     model = factory()
     is_module = isinstance(model, nn.Module) and not any(
         p.is_meta for p in model.parameters())
     if is_module:
         model.train()
         snapshot, before = state_snapshot(model), fingerprint(model)
+    capfd.readouterr()
     with pytest.raises(error) as info:
         call(model)
+    assert capfd.readouterr().err == ""  # nothing printed behind the error (torch logs, ...)
     assert isinstance(info.value, fxattn.FxAttnError)
     message = str(info.value)
     for fragment in fragments:
@@ -482,6 +500,11 @@ MODEL = ["torchvision:resnet18", "--input-shape", "2,3,32,32"]
 # catalog id -> (argv builder, message fragment)
 CLI_CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "cli-unknown-spec": (lambda t: ["inspect", "resnet-18"], "unknown model spec"),
+    "cli-empty-spec": (lambda t: ["inspect", ""], "empty model spec"),
+    "cli-factory-fails": (lambda t: ["inspect", "torchvision:resnet18", "--model-kwargs",
+                                     '{"num_classes": -1}'], "failed: RuntimeError"),
+    "cli-input-too-large": (lambda t: ["inspect", "torchvision:resnet18", "--input-shape",
+                                       "2,3,100000,100000"], "cannot allocate"),
     "cli-unknown-zoo-model": (lambda t: ["inspect", "torchvision:resnet1"],
                               "did you mean resnet18"),
     "cli-unimportable-factory": (lambda t: ["inspect", "no_such_pkg.models:build"],
@@ -505,7 +528,7 @@ CLI_CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                            "--reduction: expected a positive integer, got 0"),
     "cli-reduction-not-a-number": (lambda t: ["inspect", *MODEL, "--reduction", "four"],
                                    "got 'four'"),
-    "cli-reduction-above-channels": (lambda t: ["inspect", *MODEL, "--reduction", "65"],
+    "cli-reduction-above-channels": (lambda t: ["inspect", *MODEL, "--reduction", "513"],
                                      "exceeds the 64 channels"),
     "cli-negative-ssia-weight": (lambda t: ["inspect", *MODEL, "--ssia-weight", "-1"],
                                  "finite number >= 0"),
