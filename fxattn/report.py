@@ -30,13 +30,18 @@ def render_plan(plan: Plan) -> str:
     parts: list[object] = [head]
     if plan.dia is not None:
         sites = Table(title="DIA sites", title_justify="left")
-        for column in ("site", "node", "module path", "channels", "layout", "group", "module"):
-            sites.add_column(column)
+        columns = ("site", "node", "module path", "kind", "DIA multiplies", "shortcut",
+                   "channels", "layout", "group", "module")
+        for column in columns:
+            sites.add_column(column, overflow="fold")  # long node names wrap, never elide
         for site in plan.sites:
             sites.add_row(
                 str(site.index),
                 site.node,
                 site.module_path or "<root>",
+                site.kind,
+                site.branch,
+                site.shortcut or "-",
                 str(site.channels),
                 site.layout,
                 str(site.group),
