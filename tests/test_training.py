@@ -82,15 +82,19 @@ def test_ssia_gradient_reaches_lower_stages_only(map_: str, pairs: str) -> None:
 
 
 def test_target_side_is_detached_exactly() -> None:
-    """On the loss module itself: d loss / d tap equals the student terms' gradient only."""
+    """On the SSIA modules themselves: d loss / d tap is the student terms' gradient only."""
     taps = [TapSpec(1, 4, (8, 8), 0), TapSpec(1, 6, (4, 4), 0), TapSpec(1, 8, (2, 2), 0)]
     pairs = [PairSpec(0, 1, True), PairSpec(1, 2, True)]
     loss_fn = SSIALoss(taps, pairs, weight=0.5)
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(2, t.channels, *t.grid, generator=g, requires_grad=True) for t in taps]
-    loss_fn(*feats).backward()
+
+    def maps() -> tuple[torch.Tensor, ...]:
+        return tuple(tap_map(f) for tap_map, f in zip(loss_fn.maps, feats, strict=True))
+
+    loss_fn(*maps()).backward()
     assert feats[2].grad is None  # the deepest tap is only a target
-    student_term = 0.5 * loss_fn._pair_loss(tuple(feats), 1, pairs[1])
+    student_term = 0.5 * loss_fn._pair_loss(maps(), 1, pairs[1])
     (expected,) = torch.autograd.grad(student_term, feats[1])
     torch.testing.assert_close(feats[1].grad, expected, rtol=0, atol=0)
     assert feats[0].grad is not None and feats[0].grad.abs().sum() > 0
