@@ -21,6 +21,7 @@ from tests.reference_dia import (
     BasicBlock,
     Bottleneck,
     DIAResNet,
+    LSTMCell,
     PlainCifarResNet,
     randomize,
     reference_to_fxattn_key,
@@ -122,3 +123,26 @@ def test_strip_keeps_the_reference_numerics() -> None:
     lean = fxattn.strip_ssia(net)
     with torch.no_grad():
         torch.testing.assert_close(lean(x), reference.eval()(x), **TOL)
+
+
+def test_channels_last_cell_on_grids_and_tokens() -> None:
+    """A channels-last group (Swin: attention added on (B, H, W, C), MLP on (B, H*W, C)) shares
+    one cell with ``channel_dim=-1``: on both ranks it equals the reference cell applied to the
+    mean over every non-channel axis, with the state carried from the grid to the tokens."""
+    from fxattn.modules.dia import DIALSTMCell
+
+    torch.manual_seed(0)
+    reference = LSTMCell(32, 32)
+    cell = DIALSTMCell(32, channel_dim=-1)
+    cell.load_state_dict({
+        reference_to_fxattn_key(f"layer1.lstm.{k}").removeprefix("fxattn_dia.g0."): v
+        for k, v in reference.state_dict().items()
+    })
+    grid, tokens = torch.randn(2, 4, 4, 32), torch.randn(2, 16, 32)
+    zeros = torch.zeros(2, 32)
+    h1, c1 = reference(grid.mean((1, 2)), (zeros, zeros))
+    h2, _ = reference(tokens.mean(1), (h1, c1))
+    out1, h, c = cell(grid)
+    out2, _, _ = cell(tokens, h, c)
+    torch.testing.assert_close(out1, grid * h1[:, None, None, :], **TOL)
+    torch.testing.assert_close(out2, tokens * h2[:, None, :], **TOL)
