@@ -228,6 +228,13 @@ def export_onnx(
         raise ExportError(f"verify needs two distinct positive batch sizes, got {batch_sizes}")
     if not atol > 0:
         raise ExportError(f"atol must be > 0, got {atol}")
+    if opset is not None and not (
+        isinstance(opset, int) and 7 <= opset <= onnx.defs.onnx_opset_version()
+    ):
+        raise ExportError(
+            f"opset={opset!r} is not an ONNX opset this onnx supports (7 to "
+            f"{onnx.defs.onnx_opset_version()}); leave it None for the exporter's default"
+        )
     target = check_output_path(path, overwrite)
     inputs = ExampleInputs.from_user(example_inputs)
     notes: list[str] = []
@@ -239,6 +246,7 @@ def export_onnx(
         notes.append("exported the stripped (lean) evaluation graph of the fxattn module")
     elif module.training:
         module = copy.deepcopy(module).eval()
+    _check_runs(module, inputs)
     export_inputs = _export_inputs(inputs)
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     failures: list[str] = []
@@ -292,6 +300,25 @@ def export_onnx(
     )
 
 
+def _check_runs(module: nn.Module, inputs: ExampleInputs) -> None:
+    """Run the module once before exporting: a module that rejects its inputs, or returns no
+    tensor, would otherwise fail deep inside both exporters or onnxruntime."""
+    try:
+        with torch.no_grad():
+            result = inputs.call(module)
+    except Exception as exc:  # noqa: BLE001 - the module rejected the example inputs
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs.tensors())
+        raise InputError(
+            f"{type(module).__name__} cannot run on the example inputs [{shapes}]: "
+            f"{_first_line(exc)}; pass inputs shaped and typed like one real batch"
+        ) from exc
+    if not any(isinstance(t, torch.Tensor) for t in tree_leaves(result)):
+        raise ExportError(
+            f"{type(module).__name__} returns no tensor (got {type(result).__name__}); an "
+            "ONNX model needs at least one tensor output"
+        )
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -329,7 +356,11 @@ def verify_onnx(
     seed: int = 0,
 ) -> tuple[float, float]:
     """Max absolute and relative error of onnxruntime vs PyTorch over ``batch_sizes``."""
-    session = ort_session(path)
+    try:
+        session = ort_session(path)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own failure, in one line
+        raise VerificationError(f"onnxruntime cannot load the exported model: "
+                                f"{_first_line(exc)}") from exc
     generator = torch.Generator().manual_seed(seed)
     worst_abs = worst_rel = 0.0
     for batch in batch_sizes:

@@ -296,6 +296,23 @@ def _export_bad_exporter(lean: nn.Module, tmp_path: Path) -> None:
     export_onnx(lean, tmp_path / "model.onnx", X, exporter="tensorrt")
 
 
+def _export_wrong_inputs(lean: nn.Module, tmp_path: Path) -> None:
+    export_onnx(lean, tmp_path / "model.onnx", torch.randn(2, 4, 16, 16))
+
+
+class NoTensorOut(nn.Module):
+    def forward(self, x: torch.Tensor) -> None:
+        return None
+
+
+def _export_no_tensor_output(lean: nn.Module, tmp_path: Path) -> None:
+    export_onnx(NoTensorOut(), tmp_path / "model.onnx", X)
+
+
+def _export_bad_opset(lean: nn.Module, tmp_path: Path) -> None:
+    export_onnx(lean, tmp_path / "model.onnx", X, opset=99)
+
+
 def _load_missing(lean: nn.Module, tmp_path: Path) -> None:
     fxattn.load(tmp_path / "missing.fxattn")
 
@@ -315,6 +332,11 @@ FILE_CASES: dict[str, tuple[Callable[[nn.Module, Path], None], type[Exception], 
     "export-not-a-module": (_export_not_a_module, fxattn.InputError, "nn.Module"),
     "export-bad-atol": (_export_bad_atol, fxattn.ExportError, "atol"),
     "export-unknown-exporter": (_export_bad_exporter, fxattn.ExportError, "'tensorrt'"),
+    "export-wrong-inputs": (_export_wrong_inputs, fxattn.InputError,
+                            "cannot run on the example inputs .*3 channels"),
+    "export-no-tensor-output": (_export_no_tensor_output, fxattn.ExportError,
+                                "returns no tensor \\(got NoneType\\)"),
+    "export-bad-opset": (_export_bad_opset, fxattn.ExportError, "opset=99 .*7 to"),
     "load-missing-file": (_load_missing, fxattn.CheckpointError, "no such file"),
     "load-directory": (_load_directory, fxattn.CheckpointError, "directory"),
 }
