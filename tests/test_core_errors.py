@@ -62,7 +62,9 @@ def test_unwritable_export_path_leaves_no_file(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-def test_failed_verification_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_verification_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import fxattn.onnx_export as onnx_export
 
     def disagree(*args: object, **kwargs: object) -> None:
