@@ -750,9 +750,18 @@ def find_taps(
         runs[-1].append(node)
     notes: list[str] = []
     layouts = [layout_name(dims[run[-1]] or 1, len(tensor_shape(run[-1]) or ())) for run in runs]
-    if runs and layouts[-1] == "NLC" and layouts.count("NLC") == 1:
+    # One resolution throughout (a ViT's tokens, a ConvMixer's isotropic feature map): the
+    # stage outputs are its blocks, evenly spaced.
+    if runs and (len(runs) == 1 or (layouts[-1] == "NLC" and layouts.count("NLC") == 1)):
         run = runs[-1]
-        pool = [node for node in run if node.name in residual_nodes] or run
+        adds = [node for node in run if node.name in residual_nodes]
+        # a block's output is its last residual add (a transformer block has two: the
+        # attention and the MLP sub-layer), so taps fall on block boundaries
+        pool = [
+            node
+            for i, node in enumerate(adds)
+            if i + 1 == len(adds) or _module_path(adds[i + 1]) != _module_path(node)
+        ] or run
         count = min(token_taps, len(pool))
         chosen = [pool[round((i + 1) * len(pool) / count) - 1] for i in range(count)]
         notes.append(

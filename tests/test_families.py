@@ -288,6 +288,12 @@ def test_vit_and_deit_tokens(name: str) -> None:
     # constant resolution: 4 evenly spaced taps on 4x4 patches plus the class token
     assert len(plan.taps) == 4 and all(t.grid == (4, 4) and t.skip_tokens == 1
                                        for t in plan.taps)
+    # taps fall on block outputs (the MLP add), never between the two sub-layers
+    assert [t.module_path for t in plan.taps] == ["blocks.2", "blocks.5", "blocks.8", "blocks.11"]
+    assert [t.node for t in plan.taps] == [plan.sites[i].node for i in (5, 11, 17, 23)]
+    x = built(name)[2]
+    six = fxattn.inspect(model, x, dia=False, ssia=fxattn.SSIA(token_taps=6))
+    assert [t.module_path for t in six.taps] == [f"blocks.{i}" for i in (1, 3, 5, 7, 9, 11)]
     assert_dia_on_branches(net)
     assert_state_threading(net)
 
