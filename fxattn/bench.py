@@ -429,12 +429,11 @@ def benchmark(
         net = transform(model, example_inputs, dia=dia, ssia=ssia)
         lean = strip_ssia(net)
         transform_seconds = time.perf_counter() - start
-        original = model.eval() if not model.training else _eval_copy(model)
-        modules: dict[str, nn.Module] = {"original": original, "lean": lean}
+        modules: dict[str, nn.Module] = {"original": _eval_copy(model), "lean": lean}
         for name, extra_module in (extra or {}).items():
             if name in modules:
                 raise ConfigError(f"extra model name {name!r} is taken; choose another")
-            modules[name] = extra_module.eval()
+            modules[name] = _eval_copy(extra_module)
         models = {name: ModelEntry(name, count_parameters(m)) for name, m in modules.items()}
         models["lean"].transform_seconds = transform_seconds
         sessions: dict[str, Any] = {}
@@ -468,8 +467,12 @@ def benchmark(
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is wholly in eval mode, else an eval copy: never switch the
+    caller's module."""
     import copy
 
+    if not any(m.training for m in model.modules()):
+        return model
     return copy.deepcopy(model).eval()
 
 

@@ -56,12 +56,14 @@ def test_summarize_percentiles_and_interleaving_order() -> None:
 
 def test_benchmark_reports_every_model_engine_and_batch(tmp_path: Path) -> None:
     model = _tiny()
+    copy_in_training_mode = CifarResNet(depth=11, num_classes=10)
     result = fxattn.benchmark(
         model, torch.randn(2, 3, 32, 32), dia=True, ssia=True, batch_sizes=(1, 2), threads=1,
-        runs=2, warmup=1, extra={"copy": CifarResNet(depth=11, num_classes=10)},
+        runs=2, warmup=1, extra={"copy": copy_in_training_mode},
         dia_weights=("int8", "fp32+fold"), out_dir=tmp_path, progress=False, command="test",
     )
     onnx_models = ["original", "lean", "copy", "lean-int8", "lean-fp32+fold"]
+    assert copy_in_training_mode.training  # timed as an eval copy; the caller's module untouched
     assert list(result.latency) == ["torch", "onnxruntime"]
     assert list(result.latency["torch"]) == [1, 2]
     assert list(result.latency["torch"][1]) == ["original", "lean", "copy"]
