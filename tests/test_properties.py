@@ -276,6 +276,8 @@ def test_dia_plan_parameters_and_input_model(data: st.DataObject, arch: Arch) ->
     assert model_fingerprint(model) == fingerprint
     if net is None:  # only SSIA may be refused: the DIA sites always exist here
         assert ssia is not False
+        # a CNN that downsamples has two resolutions, hence two stage outputs to pair
+        assert not (arch.family == "cnn" and any(s.downsample for s in arch.stages))
         net = fxattn.transform(model, x, dia=dia, ssia=False)
         ssia = False
     plan = net.plan
