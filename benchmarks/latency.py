@@ -79,6 +79,7 @@ def verdicts(result: fxattn.BenchmarkResult, batches: list[int]) -> list[str]:
             f"output error {err:.2e} vs PyTorch fp32 (logits of magnitude ~0.3 on random "
             f"weights). All variants at batch 1: {rows}."
         )
+    if 1 in batches and "torch" in result.latency:
         lean_torch = result.latency["torch"][1]["lean"].p50_ms
         lean_ort = result.latency[ort][1]["lean"].p50_ms
         orig = result.latency["torch"][1]["original"].p50_ms / result.latency[ort][1][
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--engines", default="torch,onnxruntime")
+    parser.add_argument("--stem", default="latency", help="file names <stem>.json/.md/.png")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
@@ -130,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     result = fxattn.benchmark(
         model, x, dia=True, ssia=True, batch_sizes=batches, threads=args.threads,
         runs=args.runs, warmup=args.warmup, extra={"ssia-lean": ssia_lean, "hand-dia": hand},
-        dia_weights=LOWP_MODES, progress=sys.stderr.isatty(),
+        dia_weights=LOWP_MODES, progress=sys.stderr.isatty(), engines=args.engines.split(","),
         title=f"ResNet-50 {args.size}x{args.size}: original vs fxattn lean vs hand-written DIA",
         command=command.strip(),
     )
     load_after = os.getloadavg()
-    paths = result.save(args.out, stem="latency")
+    paths = result.save(args.out, stem=args.stem)
     text = paths["md"].read_text()
     text += (
         f"\nLoad average (1, 5, 15 min) before timing: {tuple(round(v, 2) for v in load_before)}, "
