@@ -259,6 +259,7 @@ def _first_line(exc: BaseException) -> str:
     if marker in text:  # both tracers failed: keep the gist of each
         fx_part, export_part = text.split(marker, 1)
         text = f"torch.export: {export_part.rstrip(')')} | torch.fx: {fx_part[:160]}"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # terminal colours in exporter messages
     line = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {line}"[:400]
 
@@ -415,7 +416,9 @@ def load_results(path: Path) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in json.loads(path.read_text()).get("models", [])}
 
 
-def save_results(path: Path, results: dict[str, dict[str, Any]], planned: list[str]) -> None:
+def save_results(
+    path: Path, results: dict[str, dict[str, Any]], planned: list[str], notes: list[str]
+) -> None:
     import timm
     import torch
     import torchvision
@@ -424,6 +427,7 @@ def save_results(path: Path, results: dict[str, dict[str, Any]], planned: list[s
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                      "timm": timm.__version__, **_optional_versions()},
         "planned": planned,
+        "notes": notes,
         "models": [results[k] for k in sorted(results)],
     }
     tmp = path.with_suffix(".json.tmp")
@@ -441,7 +445,9 @@ def _optional_versions() -> dict[str, str]:
     return versions
 
 
-def write_markdown(path: Path, results: dict[str, dict[str, Any]], planned: list[str]) -> None:
+def write_markdown(
+    path: Path, results: dict[str, dict[str, Any]], planned: list[str], notes: list[str]
+) -> None:
     rows = ["| family | models | whole pipeline OK | % | torch.fx | torch.export | "
             "plain FX fails | failures by stage |", "|---|---|---|---|---|---|---|---|"]
     by_family: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -486,6 +492,7 @@ def write_markdown(path: Path, results: dict[str, dict[str, Any]], planned: list
         "Command: `python benchmarks/zoo_coverage.py` (see the script's docstring).",
         "",
     ]
+    text += [f"Note: {note}" for note in notes] + ([""] if notes else [])
     if missing:
         text += [f"**Partial run:** {len(missing)} of {len(planned)} planned models have no "
                  "result yet: " + ", ".join(missing[:40]) + (" ..." if len(missing) > 40 else ""),
@@ -512,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-failed", action="store_true", help="rerun failed models")
     parser.add_argument("--report", action="store_true", help="only rewrite zoo.md")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--note", action="append", default=[],
+                        help="a remark on the run for zoo.md (repeatable; kept in zoo.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -524,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = args.out / "zoo.json", args.out / "zoo.md"
     families = tuple(args.family or FAMILIES)
     results = {} if args.fresh else load_results(json_path)
+    notes = args.note or ([] if args.fresh or not json_path.exists()
+                          else json.loads(json_path.read_text()).get("notes", []))
     planned = all_models(families)
     if args.family and json_path.exists():
         previous = json.loads(json_path.read_text()).get("planned", [])
@@ -541,8 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         record = run_child(model_id, args.timeout)
         with lock:
             results[model_id] = record
-            save_results(json_path, results, planned)
-            write_markdown(md_path, results, planned)
+            save_results(json_path, results, planned, notes)
+            write_markdown(md_path, results, planned, notes)
             where = ""
             if record["status"] != "ok":
                 where = f" at {record['stage']}: {record.get('error')}"
@@ -551,8 +562,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one, todo))
-    save_results(json_path, results, planned)
-    write_markdown(md_path, results, planned)
+    save_results(json_path, results, planned, notes)
+    write_markdown(md_path, results, planned, notes)
     return 0
 
 

@@ -144,3 +144,55 @@ def test_zoo_model_whole_pipeline(
     atol = 1e-4 * max(1.0, max(float(t.abs().max()) for t in got))
     report = export_onnx(lean, tmp_path / "model.onnx", inputs, batch_sizes=(2, 3), atol=atol)
     assert report.verified and report.max_abs_error <= atol, model_id
+
+
+class _DataDependent(torch.nn.Module):
+    """Python control flow on a shape (torch.fx cannot trace it, torch.export can), BN, dict out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+            for _ in range(2)
+        )
+        self.down = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.shape[-1] % 2:  # a Python branch on a proxy: torch.fx cannot trace it
+            x = torch.nn.functional.pad(x, (0, 1, 0, 1))
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.relu(x + block(x))
+        x = self.down(x)
+        return {"logits": self.head(x.mean((2, 3))), "features": x}
+
+
+def test_export_fallback_trains_batch_norm_and_keeps_eval_graph(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _DataDependent()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch.fx raises
+        torch.fx.symbolic_trace(model)
+    net = fxattn.transform(model, x)
+    assert net.plan.tracer == "torch.export"
+    assert len(net.plan.sites) == 2 and len(net.plan.active_pairs) == 1
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running_mean" in k}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items()), (
+        "shape propagation of the training graph must not move the batch-norm statistics"
+    )
+    net.train()
+    out = net(x)
+    assert set(out) == {"logits", "features"}  # the model's own output structure
+    after = net.state_dict()
+    assert all(not torch.equal(after[k], v) for k, v in stats.items()), "BN did not update"
+    fxattn.ssia_loss(net).backward()
+    net.eval()
+    lean = fxattn.strip_ssia(net)
+    before_eval = {k: v.clone() for k, v in lean.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x)["logits"], net(x)["logits"])
+    assert all(torch.equal(lean.state_dict()[k], v) for k, v in before_eval.items())
+    report = export_onnx(lean, tmp_path / "m.onnx", x, batch_sizes=(2, 3))
+    assert report.verified
