@@ -419,10 +419,12 @@ def _export_graph(model: nn.Module, inputs: ExampleInputs, prefix: str) -> fx.Gr
             model.register_parameter(new_target, value)
         elif isinstance(value, torch.Tensor):
             model.register_buffer(new_target, value, persistent=False)
+        elif isinstance(value, nn.Module):  # subgraphs of higher-order ops (cond, autocast)
+            model.add_module(new_target, value)
         else:
             setattr(model, new_target, value)
         node.target = new_target
-    graph.lint()
+    graph.owning_module = None  # now rooted on ``model``; fx.GraphModule re-owns and checks it
     return graph
 
 
