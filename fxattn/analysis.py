@@ -25,7 +25,7 @@ import heapq
 import math
 import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -501,6 +501,11 @@ def _residual_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return a, b
 
 
+def _is_float_tensor(node: fx.Node) -> bool:
+    dtype = tensor_dtype(node)
+    return node.op != "get_attr" and dtype is not None and dtype.is_floating_point
+
+
 def _reaching(graph: fx.Graph, sources: Iterable[fx.Node], forward: bool) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = list(sources)
@@ -516,7 +521,35 @@ def _reaching(graph: fx.Graph, sources: Iterable[fx.Node], forward: bool) -> set
     return seen
 
 
-def main_path_dominators(graph: fx.Graph) -> list[fx.Node]:
+def _feature_nodes(source: fx.Node, is_parametrised: Callable[[fx.Node], bool]) -> set[fx.Node]:
+    """Floating-point nodes that carry the input's features forward.
+
+    Features flow through floating-point tensors. From integer inputs (token ids) they start
+    at the first parametrised op (the embedding lookup); masks, position ids and shapes that
+    are computed *from* the input without parameters are side paths, and their edges into
+    every layer must not hide the stage boundaries.
+    """
+    seen: set[tuple[fx.Node, bool]] = set()
+    stack = [(source, _is_float_tensor(source))]
+    while stack:
+        node, in_features = stack.pop()
+        if (node, in_features) in seen:
+            continue
+        seen.add((node, in_features))
+        for user in node.users:
+            if user.op == "get_attr":
+                continue
+            if user.op == "output" or _is_float_tensor(user):
+                if in_features or is_parametrised(user):
+                    stack.append((user, True))
+            elif not in_features and tensor_dtype(user) is not None:
+                stack.append((user, False))
+    return {node for node, in_features in seen if in_features}
+
+
+def main_path_dominators(
+    graph: fx.Graph, is_parametrised: Callable[[fx.Node], bool] = lambda node: False
+) -> list[fx.Node]:
     """Nodes that every path from the first input to the output passes through, in order.
 
     A node is crossed by every path iff no edge between main-path nodes jumps over it in
@@ -526,7 +559,7 @@ def main_path_dominators(graph: fx.Graph) -> list[fx.Node]:
     output = next(iter(graph.find_nodes(op="output")))
     if not placeholders:
         return []
-    relevant = _reaching(graph, placeholders[:1], forward=True) & _reaching(
+    relevant = _feature_nodes(placeholders[0], is_parametrised) & _reaching(
         graph, [output], forward=False
     )
     ordered = [n for n in graph.nodes if n in relevant and (n is output or tensor_shape(n))]
@@ -722,7 +755,8 @@ def find_taps(
     """Stage outputs on the main path, low to high (see the module docstring)."""
     keys = _stable_keys(gm.graph)
     candidates = []
-    for node in main_path_dominators(gm.graph):
+    info = _OpInfo(gm)
+    for node in main_path_dominators(gm.graph, info.is_parametrised):
         shape = tensor_shape(node)
         if node.op == "placeholder" or shape is None or len(shape) < 3 or dims.get(node) is None:
             continue
