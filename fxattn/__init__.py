@@ -13,6 +13,7 @@ SSIA for deployment; export a lean ONNX model verified in onnxruntime; benchmark
 from .analysis import Plan
 from .bench import BenchmarkResult, benchmark
 from .config import DIA, SSIA
+from .diagnostics import CorrelationReport, attention_correlation
 from .errors import (
     AlreadyTransformedError,
     AnalysisError,
@@ -41,6 +42,7 @@ __all__ = [
     "AlreadyTransformedError",
     "AnalysisError",
     "AttentionGraphModule",
+    "CorrelationReport",
     "BenchmarkResult",
     "ExportReport",
     "Checkpoint",
@@ -57,6 +59,7 @@ __all__ = [
     "TraceOptions",
     "VerificationError",
     "benchmark",
+    "attention_correlation",
     "export_onnx",
     "inspect",
     "load",

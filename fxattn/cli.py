@@ -142,7 +142,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict(), indent=2, default=str))
     else:
         print(plan)
+    if args.correlation or args.heatmap:
+        _print_correlation(args, model, example, dia)
     return 0
+
+
+def _print_correlation(args: argparse.Namespace, model: Any, example: Any, dia: Any) -> None:
+    """Attention correlation between the blocks of each stage, on the example batch.
+
+    Per-block attention (``--share none``) is the DIA paper's diagnostic; with shared cells it
+    shows how differently one cell attends at the sites it serves. Random weights and random
+    inputs give random-model numbers: use it on a trained model for meaningful ones.
+    """
+    from .diagnostics import attention_correlation
+    from .errors import AnalysisError
+    from .transform import transform
+
+    if not dia:
+        raise AnalysisError("--correlation measures DIA attention; drop --no-dia")
+    report = attention_correlation(transform(model, example, dia=dia, ssia=False), example)
+    print(report)
+    if args.heatmap:
+        print(f"heatmap: {report.save_heatmap(args.heatmap)}")
 
 
 def cmd_transform(args: argparse.Namespace) -> int:
@@ -222,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_method_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--correlation", action="store_true",
+                   help="also report the Pearson correlation of attention between the "
+                        "blocks of each stage (use --share none for per-block attention)")
+    p.add_argument("--heatmap", help="write the correlation heatmap to this PNG file")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("transform", parents=[debug], help="transform a model and save it (.fxattn)")
