@@ -66,3 +66,4 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys: pytest.CaptureFixt
     for stage in ("transform", "train", "strip", "export", "latency"):
         assert stage in out
     assert (tmp_path / "resnet18_lean.onnx").exists()
+    assert (tmp_path / "demo.png").stat().st_size > 1000  # latency bars + attention heatmaps
