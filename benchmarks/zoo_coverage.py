@@ -140,7 +140,7 @@ def all_models(families: tuple[str, ...]) -> list[str]:
 def _image_candidates(
     factory: Callable[..., Any], sizes: tuple[int, ...], kwargs_for: Callable[[int], dict]
 ) -> tuple[Any, Any, str]:
-    """The first (model, input) whose eval forward runs, smallest input first."""
+    """The first (model, input) whose eval and train forwards run, smallest input first."""
     import torch
 
     errors = []
@@ -153,6 +153,8 @@ def _image_candidates(
                 model.eval()
                 with torch.no_grad():
                     model(x)
+                    # training-only heads (Inception's auxiliary classifier) need more room
+                    copy.deepcopy(model).train()(x)
                 return model, x, f"2x3x{size}x{size}"
             except Exception as exc:  # noqa: BLE001 - try the next size
                 errors.append(f"{size}: {_first_line(exc)}")

@@ -335,8 +335,14 @@ def apply_dia_weights(
     elif mode == "fp16":
         model = dia_to_fp16(model, prefix)
         parts.append("DIA matrices stored as fp16 (+ Cast)")
-    onnx.save(model, str(path))
-    after = Path(path).stat().st_size
+    data = Path(str(path) + ".data")
+    if data.exists():  # a model over 2 GB: its weights stay in the companion file
+        data.unlink()
+        onnx.save_model(model, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data.name)
+    else:
+        onnx.save(model, str(path))
+    after = Path(path).stat().st_size + (data.stat().st_size if data.exists() else 0)
     parts.append(f"fp32 DIA matrices were {before / 1e6:.1f} MB; file now {after / 1e6:.1f} MB")
     return "; ".join(parts)
 

@@ -4,9 +4,10 @@
   dynamic batch dimension, ``onnx.checker.check_model(full_check=True)``.
 * Verification runs the ONNX file in onnxruntime and the module in PyTorch on the same fresh
   inputs at two batch sizes (2 and 3 by default) and fails above ``atol``.
-* The write is atomic: the model goes to a temporary file next to ``path`` and is renamed over
+* The write is atomic: the model is staged in a private folder next to ``path`` and moved over
   ``path`` only once checked and verified. A failure leaves no file behind, and an existing file
-  at ``path`` stays as it was.
+  at ``path`` stays as it was. A model over 2 GB (protobuf's limit) keeps its weights in
+  ``<path>.data`` beside it, the layout onnxruntime and ``onnx.load`` expect.
 
 Overwrite policy: an existing file is replaced (atomically) unless ``overwrite=False``.
 """
@@ -18,10 +19,12 @@ import copy
 import inspect as pyinspect
 import io
 import os
+import shutil
 import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,34 +103,64 @@ def check_output_path(path: str | os.PathLike[str], overwrite: bool = True) -> P
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path, suffix: str) -> Any:
-    """Yield a temporary path beside ``target``; rename it over ``target`` on success only.
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield ``target``'s name in a private folder beside it; move it over ``target`` on success.
+
+    Writers that add companion files keep their names right: an ONNX model over 2 GB stores its
+    weights in ``<name>.data``, referenced by that name from inside the model, so the model is
+    staged under its final name and the data file moves along with it (data first, model last,
+    so ``target`` never names a model whose data is missing).
 
     An ``OSError`` on the way (a folder nothing can be created in, a full disk) becomes an
-    :class:`ExportError`; either way no temporary file is left and ``target`` is untouched.
+    :class:`ExportError`; either way the staging folder is removed and ``target`` is untouched.
     """
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix,
-                                        dir=target.parent)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     except OSError as exc:
         raise ExportError(
             f"cannot create a file in {target.parent} ({exc.strerror or exc}); choose a "
             "writable folder"
         ) from None
-    os.close(fd)
-    tmp = Path(tmp_name)
+    staged = staging / target.name
     try:
         try:
-            yield tmp
-            os.replace(tmp, target)
+            yield staged
+            data = external_data_path(staged)
+            if data.exists():
+                os.replace(data, external_data_path(target))
+            os.replace(staged, target)
         except OSError as exc:
             raise ExportError(
                 f"writing {target} failed ({exc.strerror or exc}); nothing was written"
             ) from exc
     finally:
-        for leftover in (tmp, Path(str(tmp) + ".data")):
-            if leftover.exists():
-                leftover.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def external_data_path(model_path: Path) -> Path:
+    """Where a model over 2 GB keeps its weights: ``<model file name>.data`` beside it."""
+    return model_path.with_name(model_path.name + ".data")
+
+
+def _consolidate_external_data(staged: Path) -> None:
+    """Leave at most one companion file, ``<name>.data``, whatever layout the exporter chose.
+
+    The TorchScript exporter writes a model over 2 GB as one file per weight, named after the
+    weight, beside the model; onnxruntime refuses some of those names and moving them all is
+    fragile. They are gathered into the single ``<name>.data`` file the dynamo exporter writes.
+    """
+    import onnx
+
+    data = external_data_path(staged)
+    others = [p for p in staged.parent.iterdir() if p not in (staged, data)]
+    if not others:
+        return
+    model = onnx.load(str(staged))  # loads every external tensor into memory
+    for path in [*others, data]:
+        if path.exists():
+            path.unlink()
+    onnx.save_model(model, str(staged), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=data.name)
 
 
 def _export_inputs(inputs: ExampleInputs) -> ExampleInputs:
@@ -250,12 +283,13 @@ def export_onnx(
     export_inputs = _export_inputs(inputs)
     order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
     failures: list[str] = []
-    with atomic_path(target, ".onnx.tmp") as tmp:
+    with atomic_path(target) as tmp:
         start = time.perf_counter()
         used = None
         for kind in order:
             try:
                 _run_exporter(kind, module, export_inputs, tmp, opset)
+                _consolidate_external_data(tmp)
                 used = kind
                 break
             except Exception as exc:  # noqa: BLE001 - try the next exporter, report all
@@ -278,7 +312,8 @@ def export_onnx(
         abs_err = rel_err = 0.0
         if verify:
             abs_err, rel_err = verify_onnx(str(tmp), module, inputs, batch_sizes, atol, seed)
-        file_bytes = tmp.stat().st_size
+        data = external_data_path(tmp)
+        file_bytes = tmp.stat().st_size + (data.stat().st_size if data.exists() else 0)
     ops = Counter(node.op_type for node in model_proto.graph.node)
     initializers = sum(int(np.prod(t.dims)) for t in model_proto.graph.initializer)
     return ExportReport(

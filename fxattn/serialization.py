@@ -233,7 +233,7 @@ def save(
     }
     for key in ("extra", "optimizer", "scheduler"):
         _check_plain(payload[key], key)
-    with atomic_path(target, ".tmp") as tmp:
+    with atomic_path(target) as tmp:
         torch.save(payload, tmp)
     return target
 

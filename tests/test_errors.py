@@ -29,6 +29,7 @@ import fxattn.onnx_export as onnx_export
 import fxattn.serialization as serialization
 from fxattn.cli import main
 from fxattn.onnx_export import export_onnx
+from fxattn.tracing import ExampleInputs
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -382,6 +383,45 @@ def test_existing_file_is_replaced_atomically_by_default(lean: torch.fx.GraphMod
     report = export_onnx(lean, target, X, verify=False)
     assert report.path == str(target) and target.read_bytes()[:3] != b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary left
+
+
+@pytest.mark.parametrize("layout", ["one_data_file", "file_per_weight"])
+def test_model_with_external_data_lands_beside_target_and_loads(
+    lean: torch.fx.GraphModule, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """A model over 2 GB keeps its weights outside the protobuf. Simulated on a small model by
+    re-saving the exporter's file the way each exporter writes large models: the dynamo exporter
+    as one ``<name>.data`` file, the TorchScript exporter as one file per weight. Either way the
+    result is ``model.onnx`` + ``model.onnx.data``, verified in onnxruntime, nothing else left."""
+    import onnx
+
+    real = onnx_export._run_exporter
+
+    def exporter_writing_external_data(*args: Any) -> None:
+        real(*args)
+        tmp = args[3]
+        model = onnx.load(str(tmp))
+        onnx.save_model(model, str(tmp), save_as_external_data=True,
+                        all_tensors_to_one_file=layout == "one_data_file",
+                        location=tmp.name + ".data")
+
+    monkeypatch.setattr(onnx_export, "_run_exporter", exporter_writing_external_data)
+    target = tmp_path / "model.onnx"
+    report = export_onnx(lean, target, X, dia_weights="int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    data = tmp_path / "model.onnx.data"
+    assert report.file_bytes == target.stat().st_size + data.stat().st_size
+    assert data.stat().st_size > target.stat().st_size  # the weights are in the data file
+    locations = {
+        entry.value
+        for tensor in onnx.load(str(target), load_external_data=False).graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    assert locations == {"model.onnx.data"}
+    report_again = onnx_export.verify_onnx(str(target), lean, ExampleInputs.from_user(X),
+                                           atol=report.atol)
+    assert report_again[0] <= report.atol
 
 
 def test_verification_mismatch_names_output_and_error_and_writes_nothing(
