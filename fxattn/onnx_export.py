@@ -182,6 +182,18 @@ def _dynamic_shapes(module: nn.Module, inputs: ExampleInputs) -> Any:
     return dict(bound.arguments)
 
 
+class _Forward(nn.Module):
+    """A plain module that calls ``inner``: hides an fx.GraphModule's ``graph`` attribute."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.train(inner.training)  # the exporter exports the wrapper's mode
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+
 def _run_exporter(
     kind: str, module: nn.Module, inputs: ExampleInputs, tmp: Path, opset: int | None
 ) -> None:
@@ -204,7 +216,9 @@ def _run_exporter(
         else:
             names = [f"input_{i}" for i in range(len(inputs.tensors()))]
             torch.onnx.export(
-                module,
+                # the TorchScript exporter reads ``module.graph`` as a TorchScript graph when
+                # dynamic axes are given; an fx.GraphModule's ``graph`` is an fx.Graph
+                _Forward(module),
                 inputs.args,
                 str(tmp),
                 kwargs=inputs.kwargs or None,

@@ -152,3 +152,16 @@ def test_share_modes_and_se_change_the_module_layout() -> None:
     assert sum(p.numel() for n, p in net.named_parameters() if n.startswith(DIA_ROOT)) == (
         se.dia_parameters
     )
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_both_exporters_export_a_lean_graph_module_with_a_dynamic_batch(
+    exporter: str, tmp_path: Path
+) -> None:
+    """The lean model is an fx.GraphModule; the TorchScript exporter (the fallback) must not
+    mistake its ``graph`` for a TorchScript graph when it validates the dynamic batch axis."""
+    x = torch.randn(2, 3, 32, 32)
+    lean = fxattn.strip_ssia(fxattn.transform(CifarResNet(depth=11), x))
+    report = export_onnx(lean, tmp_path / "m.onnx", x, exporter=exporter)
+    assert report.exporter == exporter and report.batch_sizes == (2, 3)
+    assert report.max_abs_error <= 1e-4
