@@ -19,6 +19,7 @@ import copy
 import inspect as pyinspect
 import io
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -35,6 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError, InputError, VerificationError
+from .export_compat import ExportCompatMode
 from .graph_module import AttentionGraphModule, unwrap
 from .tracing import ExampleInputs, count_parameters
 
@@ -254,7 +256,9 @@ def export_onnx(
         example_inputs: one batch, as for :func:`fxattn.transform`.
         opset: ONNX opset (exporter default when ``None``).
         exporter: ``"auto"`` (dynamo, then TorchScript on failure), ``"dynamo"`` or
-            ``"torchscript"``.
+            ``"torchscript"``. When the dynamo exporter fails, it is retried once with exact
+            export-compatibility rewrites (:mod:`fxattn.export_compat`); the report then says
+            ``"dynamo+compat"``.
         verify: compare onnxruntime with PyTorch at ``batch_sizes`` (two sizes, not only 1).
         atol: maximum absolute error allowed (default 1e-4 for fp32).
         dia_weights: ``"fp16"``, ``"int8"`` or ``"int4"`` stores only DIA's matrices at lower
@@ -295,16 +299,28 @@ def export_onnx(
         module = copy.deepcopy(module).eval()
     _check_runs(module, inputs)
     export_inputs = _export_inputs(inputs)
-    order = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    order = {
+        "auto": ["dynamo", "dynamo+compat", "torchscript"],
+        "dynamo": ["dynamo", "dynamo+compat"],
+        "torchscript": ["torchscript"],
+    }[exporter]
     failures: list[str] = []
     with atomic_path(target) as tmp:
         start = time.perf_counter()
         used = None
         for kind in order:
+            for leftover in tmp.parent.iterdir():  # a failed attempt's partial files
+                leftover.unlink()
+            # "dynamo+compat": exact rewrites of calls the dynamo exporter cannot convert,
+            # tried only after a plain export failed (exportable models keep their graph)
+            compat = ExportCompatMode() if kind == "dynamo+compat" else contextlib.nullcontext()
             try:
-                _run_exporter(kind, module, export_inputs, tmp, opset)
+                with compat:
+                    _run_exporter(kind.split("+")[0], module, export_inputs, tmp, opset)
                 _consolidate_external_data(tmp)
                 used = kind
+                if isinstance(compat, ExportCompatMode):
+                    notes.append(str(compat.report))
                 break
             except Exception as exc:  # noqa: BLE001 - try the next exporter, report all
                 failures.append(f"{kind}: {_first_line(exc)}")
@@ -369,7 +385,7 @@ def _check_runs(module: nn.Module, inputs: ExampleInputs) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter's terminal colours
     return text.splitlines()[0] if text else type(exc).__name__
 
 

@@ -1,0 +1,118 @@
+"""Export compatibility rewrites: exact, and they make exportable what torch.onnx alone cannot."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from hypothesis import given, settings
+from torch import nn
+
+import fxattn
+from fxattn.export_compat import ExportCompatMode, scaled_dot_product_attention_4d
+from fxattn.onnx_export import export_onnx
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=3),
+    length=st.integers(1, 5),
+    source=st.integers(1, 5),
+    features=st.integers(1, 4),
+    mask_rank=st.sampled_from([None, 2, "full"]),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_folded_to_4d_equals_attention_of_any_rank(
+    lead: list[int], length: int, source: int, features: int, mask_rank: object,
+    causal: bool, seed: int,
+) -> None:
+    """(batch, *lead, heads, L, E) in any rank from 3 to 6, with or without a mask."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, *lead, length, features)
+    q = torch.randn(shape, generator=generator)
+    k = torch.randn((*shape[:-2], source, features), generator=generator)
+    v = torch.randn((*shape[:-2], source, features), generator=generator)
+    kwargs: dict[str, object] = {}
+    if causal and mask_rank is None:
+        kwargs["is_causal"] = True
+    elif mask_rank == 2:
+        kwargs["attn_mask"] = torch.randn(length, source, generator=generator)
+    elif mask_rank == "full":
+        kwargs["attn_mask"] = torch.rand((*shape[:-2], length, source), generator=generator) > 0.3
+        kwargs["attn_mask"][..., 0] = True  # every query attends to something
+    expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    got = scaled_dot_product_attention_4d(q, k, v, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class GroupedAttention(nn.Module):
+    """Attention within groups as Twins / NesT write it: 5-D (B, groups, heads, L, E) tensors,
+    then ``transpose(...).reshape(...)`` back to tokens."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, groups: int = 4) -> None:
+        super().__init__()
+        self.heads, self.groups = heads, groups
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, C)
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, self.groups, n // self.groups, 3, self.heads, -1)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, G, H, L, E)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(2, 3).reshape(b, n, c)
+        return x + self.proj(out)
+
+
+class TokenNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, 4)
+        self.blocks = nn.Sequential(*(GroupedAttention() for _ in range(4)))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(tokens).mean(1))
+
+
+def test_model_torch_onnx_cannot_export_is_exported_with_the_rewrites(tmp_path: Path) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    lean = fxattn.strip_ssia(fxattn.transform(TokenNet(), x))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with pytest.raises(Exception, match="ONNX"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(lean.eval(), (x,), str(tmp_path / "plain.onnx"), dynamo=True,
+                          dynamic_shapes=({0: batch},), verbose=False)
+    report = export_onnx(lean, tmp_path / "m.onnx", x, exporter="dynamo")
+    assert report.exporter == "dynamo+compat"
+    assert report.max_abs_error <= 1e-4 and report.batch_sizes == (2, 3)
+    assert any("4 attention call(s) folded to 4-D" in note for note in report.notes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_mode_counts_rewrites_and_changes_nothing_outside_its_block() -> None:
+    block = GroupedAttention().eval()
+    x = torch.randn(2, 8, 16)
+    expected = block(x)
+    with ExportCompatMode() as compat:
+        got = block(x)
+    assert compat.report.attention_folded_to_4d == 1 and compat.report.contiguous_reshapes == 2
+    torch.testing.assert_close(got, expected)
+    after = ExportCompatMode()
+    block(x)
+    assert not after.report.changed  # not entered: nothing was intercepted
+
+
+def test_exportable_model_keeps_the_plain_dynamo_graph(tmp_path: Path) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    model(x)
+    report = export_onnx(model, tmp_path / "m.onnx", x)
+    assert report.exporter == "dynamo"
+    assert not any("compatibility" in note for note in report.notes)
