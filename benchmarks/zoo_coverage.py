@@ -334,6 +334,9 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is not finite: {loss.item()}")
         loss.backward()
+        # random-weight models can have huge outputs (MobileOne's reach 1e5): clip as training
+        # recipes do, so one step does not turn the weights into noise before the checks
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         record["ssia_loss"] = float(ssia.detach())
@@ -359,11 +362,19 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
             abs_err, rel_err = verify_onnx(
                 str(path), lean, ExampleInputs.from_user(inputs), (2, 3), math.inf
             )
-        record.update(max_abs_error=abs_err, max_rel_error=rel_err)
-        if not (abs_err <= PARITY_ATOL or rel_err <= PARITY_ATOL):
-            raise AssertionError(
-                f"onnxruntime vs PyTorch: max abs error {abs_err:.2e}, relative {rel_err:.2e}"
-            )
+            record.update(max_abs_error=abs_err, max_rel_error=rel_err)
+            if not (abs_err <= PARITY_ATOL or rel_err <= PARITY_ATOL):
+                ort_err, fp32_err = _rounding_check(lean, path, inputs)
+                record.update(ort_vs_fp64=ort_err, torch_fp32_vs_fp64=fp32_err)
+                if not ort_err <= 2 * fp32_err:
+                    raise AssertionError(
+                        f"onnxruntime vs PyTorch: max abs error {abs_err:.2e}, relative "
+                        f"{rel_err:.2e}; vs float64 {ort_err:.2e} (PyTorch float32 {fp32_err:.2e})"
+                    )
+                record["parity_note"] = (
+                    f"ill-conditioned: PyTorch float32 is {fp32_err:.2e} off float64, "
+                    f"onnxruntime {ort_err:.2e}"
+                )
         record["status"] = "ok"
         stage = "done"
     except Exception as exc:  # noqa: BLE001 - the record names the stage and the reason
@@ -374,6 +385,36 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
     record["stage"] = stage
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
+
+
+def _rounding_check(lean: Any, path: Path, inputs: Any) -> tuple[float, float]:
+    """Max abs error against a float64 PyTorch run, of onnxruntime and of PyTorch float32.
+
+    Random weights can make a model ill-conditioned (MobileOne's branch sums grow to 1e5 and
+    more): float32 rounding alone then moves the output by whole units, in PyTorch as much as
+    in onnxruntime. Such a model passes parity when onnxruntime is no further from the float64
+    result than twice PyTorch's own float32 error, and the record says so.
+    """
+    import numpy as np
+    import torch
+    from torch.utils._pytree import tree_map
+
+    from fxattn.onnx_export import ort_feed, ort_session
+    from fxattn.tracing import ExampleInputs
+
+    example = ExampleInputs.from_user(inputs)
+    session = ort_session(str(path))
+    got = [a for a in session.run(None, ort_feed(session, example)) if a.dtype.kind == "f"]
+    with torch.no_grad():
+        fp32 = _float_leaves(_call(lean, inputs))
+        as_double = tree_map(
+            lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+            inputs,
+        )
+        fp64 = _float_leaves(_call(copy.deepcopy(lean).double(), as_double))
+    ort_err = max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, fp64, strict=True))
+    fp32_err = max(float((a.double() - r).abs().max()) for a, r in zip(fp32, fp64, strict=True))
+    return ort_err, fp32_err
 
 
 def _original_exports(model: Any, inputs: Any) -> bool | None:
@@ -506,6 +547,26 @@ def write_markdown(
                  f"{sum(r['status'] == 'ok' for r in timm_records)} of {len(timm_records)} "
                  "modules pass the whole pipeline.", ""]
     text += ["## Failures", "", *(failures if len(failures) > 2 else ["None."]), ""]
+    exporters = Counter(r.get("exporter") for r in results.values() if r["status"] == "ok")
+    special = ["| model | exporter | note |", "|---|---|---|"]
+    for record in sorted(results.values(), key=lambda r: r["id"]):
+        if record["status"] == "ok" and (record.get("exporter") != "dynamo"
+                                         or record.get("parity_note")):
+            special.append(f"| {record['id']} | {record.get('exporter')} | "
+                           f"{record.get('parity_note', '')} |")
+    text += [
+        "## Passed another way",
+        "",
+        "Exporters of the passing models: " + ", ".join(
+            f"{name} {count}" for name, count in exporters.most_common()) + ". `dynamo+compat`: "
+        "the dynamo exporter with fxattn's exact export-compatibility rewrites, used after a "
+        "plain export failed; `torchscript`: the fallback exporter. An ill-conditioned model "
+        "passes parity when onnxruntime is no further from a float64 PyTorch run than twice "
+        "PyTorch float32 is.",
+        "",
+        *(special if len(special) > 2 else ["None."]),
+        "",
+    ]
     path.write_text("\n".join(text))
 
 
