@@ -756,10 +756,13 @@ def find_taps(
     keys = _stable_keys(gm.graph)
     candidates = []
     info = _OpInfo(gm)
+    batch = _batch_size(gm.graph)
     for node in main_path_dominators(gm.graph, info.is_parametrised):
         shape = tensor_shape(node)
         if node.op == "placeholder" or shape is None or len(shape) < 3 or dims.get(node) is None:
             continue
+        if batch is not None and shape[0] != batch:
+            continue  # not batch-major (Hiera's unrolled windows): per-sample maps need it
         dtype = tensor_dtype(node)
         if dtype is None or not dtype.is_floating_point:
             continue
@@ -789,13 +792,8 @@ def find_taps(
     if runs and (len(runs) == 1 or (layouts[-1] == "NLC" and layouts.count("NLC") == 1)):
         run = runs[-1]
         adds = [node for node in run if node.name in residual_nodes]
-        # a block's output is its last residual add (a transformer block has two: the
-        # attention and the MLP sub-layer), so taps fall on block boundaries
-        pool = [
-            node
-            for i, node in enumerate(adds)
-            if i + 1 == len(adds) or _module_path(adds[i + 1]) != _module_path(node)
-        ] or run
+        # taps fall on block boundaries
+        pool = _block_outputs(adds) or run
         count = min(token_taps, len(pool))
         chosen = [pool[round((i + 1) * len(pool) / count) - 1] for i in range(count)]
         notes.append(
@@ -803,8 +801,58 @@ def find_taps(
         )
     else:
         chosen = [run[-1] for run in runs]
+    if len(chosen) < 2:
+        # No two stage outputs on a single main path: parallel streams that meet only at the
+        # head (CrossViT's two patch sizes), or a graph whose blocks all sit inside one
+        # dominator-free region. The residual blocks are still the natural layers to
+        # supervise: take evenly spaced block outputs in graph order.
+        blocks = _block_outputs(
+            [
+                node
+                for node in gm.graph.nodes
+                if node.name in residual_nodes and _tap_candidate(node, dims, batch)
+            ]
+        )
+        if len(blocks) >= 2:
+            count = min(token_taps, len(blocks))
+            chosen = [blocks[round((i + 1) * len(blocks) / count) - 1] for i in range(count)]
+            notes = [
+                f"no two stage outputs on the main path: {count} taps evenly spaced over "
+                f"{len(blocks)} residual blocks"
+            ]
     taps = [_make_tap(node, i, dims, keys[node]) for i, node in enumerate(chosen)]
     return taps, notes
+
+
+def _batch_size(graph: fx.Graph) -> int | None:
+    """The example's batch size: the leading dimension of the first input."""
+    first = next(iter(graph.find_nodes(op="placeholder")), None)
+    shape = tensor_shape(first) if first is not None else None
+    return shape[0] if shape else None
+
+
+def _tap_candidate(node: fx.Node, dims: dict[fx.Node, int | None], batch: int | None) -> bool:
+    """A batch-major float feature map with a known channel dimension and a plain layout."""
+    shape = tensor_shape(node)
+    dtype = tensor_dtype(node)
+    if shape is None or len(shape) < 3 or dims.get(node) is None:
+        return False
+    if batch is not None and shape[0] != batch:
+        return False
+    if dtype is None or not dtype.is_floating_point:
+        return False
+    positions = math.prod(s for d, s in enumerate(shape) if d not in (0, dims[node]))
+    # more than one position: a class token alone (CrossViT's fusion) has no map to supervise
+    return positions > 1 and "/" not in layout_name(dims[node] or 1, len(shape))
+
+
+def _block_outputs(adds: list[fx.Node]) -> list[fx.Node]:
+    """The last residual add of each block (a transformer block has two: attention and MLP)."""
+    return [
+        node
+        for i, node in enumerate(adds)
+        if i + 1 == len(adds) or _module_path(adds[i + 1]) != _module_path(node)
+    ]
 
 
 def pair_taps(taps: list[Tap], ssia: SSIA) -> list[Pair]:

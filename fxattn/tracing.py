@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import logging
@@ -326,7 +327,7 @@ def trace_dual(
     """
     with TRACE_LOCK:
         try:
-            return _symbolic_dual(model, options)
+            return _symbolic_dual(model, _with_unused_defaults(model, inputs, options))
         except TraceError as fx_error:
             try:
                 with _silenced("torch.fx.experimental.symbolic_shapes", "torch._export",
@@ -337,6 +338,35 @@ def trace_dual(
                     f"{fx_error} (the torch.export fallback failed too: "
                     f"{_first_line(export_error)})"
                 ) from fx_error
+
+
+def _with_unused_defaults(
+    model: nn.Module, inputs: ExampleInputs, options: TraceOptions
+) -> TraceOptions:
+    """Fix ``forward`` arguments the example leaves at a ``None`` / bool default.
+
+    Optional inputs (``mask=None``, ``return_dict=None``, ``output_attentions=False``) guard
+    ``if mask is not None:`` branches; traced as proxies, the branch would be taken and the
+    graph would need a mask nobody passes (Hiera). Fixed at their defaults, as the model is
+    actually called, they trace the path the example runs. ``concrete_args`` given by the user
+    win; the graph still accepts the argument and checks it has the traced value.
+    """
+    try:
+        signature = inspect.signature(model.forward)
+        supplied = signature.bind_partial(*inputs.args, **inputs.kwargs).arguments
+    except (TypeError, ValueError):
+        return options
+    fixed = {
+        name: parameter.default
+        for name, parameter in signature.parameters.items()
+        if name not in supplied
+        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        and (parameter.default is None or isinstance(parameter.default, bool))
+    }
+    fixed.update(options.concrete_args or {})
+    if not fixed:
+        return options
+    return dataclasses.replace(options, concrete_args=fixed)
 
 
 def _symbolic_dual(model: nn.Module, options: TraceOptions) -> DualGraphs:
