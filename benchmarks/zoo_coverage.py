@@ -243,7 +243,9 @@ def _build_transformers(name: str) -> tuple[Any, Any, str]:
     if "ImageClassification" in name or "SemanticSegmentation" in name:
         size = int(getattr(config, "image_size", 64) or 64)
         size = size if isinstance(size, int) else 224
-        if name.startswith(("ResNet", "ConvNext", "Swin", "Segformer")):
+        # Swin stays at its 224: under tracing HF Swin keeps its 7x7 windows, which a 64x64
+        # input (16x16 patches, 8x8 after merging) cannot tile
+        if name.startswith(("ResNet", "ConvNext", "Segformer")):
             size = 64
         channels = int(getattr(config, "num_channels", 3))
         inputs = {"pixel_values": torch.randn(2, channels, size, size)}

@@ -847,11 +847,16 @@ def _tap_candidate(node: fx.Node, dims: dict[fx.Node, int | None], batch: int | 
 
 
 def _block_outputs(adds: list[fx.Node]) -> list[fx.Node]:
-    """The last residual add of each block (a transformer block has two: attention and MLP)."""
+    """The last residual add of each block (a transformer block has two: attention and MLP).
+
+    Adds written in the root module's own forward have no block to group them: each counts.
+    """
     return [
         node
         for i, node in enumerate(adds)
-        if i + 1 == len(adds) or _module_path(adds[i + 1]) != _module_path(node)
+        if i + 1 == len(adds)
+        or not _module_path(node)
+        or _module_path(adds[i + 1]) != _module_path(node)
     ]
 
 

@@ -9,10 +9,11 @@ traces the model (inside modules too, so it needs no graph of its own) and subst
   heads, L, E)``): the exporter's ONNX function takes 4-D query / key / value only. Leading
   dimensions are folded into the batch, the attention runs in 4-D and the result is unfolded.
   Attention is independent per leading index, so this is exact.
-* ``reshape`` (BEiT: ``x.transpose(1, 2).reshape(B, N, C)``): CPU attention returns its output
-  heads-minor, so while tracing that transpose *is* contiguous and the reshape is recorded as a
-  view; the exporter's later decomposition gives attention the standard layout and the view
-  becomes impossible. An explicit contiguous copy first (``clone``) survives decomposition;
+* ``reshape`` / ``view`` of a transposed or permuted tensor (BEiT, HF Swin:
+  ``x.transpose(1, 2).reshape(B, N, C)``): CPU attention returns its output heads-minor, so
+  while tracing that transpose *is* contiguous and the reshape is recorded as a view; the
+  exporter's later decomposition gives attention the standard layout and the view becomes
+  impossible. An explicit contiguous copy first (``clone``) survives decomposition;
   onnxruntime sees an Identity, which its optimizer removes.
 
 :func:`fxattn.export_onnx` enters the mode only after a plain export failed, so a model that
@@ -27,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +50,8 @@ class ExportCompatReport:
 
     def __str__(self) -> str:
         return (f"export compatibility rewrites: {self.attention_folded_to_4d} attention call(s) "
-                f"folded to 4-D, {self.contiguous_reshapes} reshape(s) of a contiguous copy")
+                f"folded to 4-D, {self.contiguous_reshapes} permuted tensor(s) copied before a "
+                "reshape")
 
 
 def scaled_dot_product_attention_4d(
@@ -81,7 +84,18 @@ def scaled_dot_product_attention_4d(
     return out.squeeze(1) if rank == 3 else out.unflatten(0, lead)
 
 
-_RESHAPES = (torch.reshape, torch.Tensor.reshape)
+aten = torch.ops.aten
+_ATTENTION = frozenset({F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default})
+# calls that return a tensor with permuted strides, and calls that view a tensor's memory
+_PERMUTES = frozenset({
+    torch.transpose, torch.Tensor.transpose, torch.permute, torch.Tensor.permute,
+    torch.swapaxes, torch.Tensor.swapaxes, torch.movedim, torch.Tensor.movedim,
+    aten.transpose.int, aten.permute.default,
+})
+_RESHAPES = frozenset({
+    torch.reshape, torch.Tensor.reshape, torch.Tensor.view, aten.view.default,
+    aten.reshape.default, aten._unsafe_view.default,
+})
 
 
 class ExportCompatMode(TorchFunctionMode):
@@ -90,17 +104,27 @@ class ExportCompatMode(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.report = ExportCompatReport()
+        # by identity: a WeakSet would compare tensors with ==, which is elementwise
+        self._permuted: dict[int, weakref.ref[torch.Tensor]] = {}
+
+    def _is_permuted(self, value: Any) -> bool:
+        ref = self._permuted.get(id(value))
+        return ref is not None and ref() is value
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
         # the mode is off inside this method, so the calls below are not intercepted again
-        if func is F.scaled_dot_product_attention and args and args[0].dim() != 4:
+        if func in _ATTENTION and args and args[0].dim() != 4:
             self.report.attention_folded_to_4d += 1
             return scaled_dot_product_attention_4d(*args, **kwargs)
-        if func in _RESHAPES and args and isinstance(args[0], torch.Tensor):
+        if func in _RESHAPES and args and self._is_permuted(args[0]):
+            # a permuted tensor that happens to be contiguous while tracing (see above)
             self.report.contiguous_reshapes += 1
             dense = args[0].clone(memory_format=torch.contiguous_format)
             return func(dense, *args[1:], **kwargs)
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if func in _PERMUTES and isinstance(result, torch.Tensor):
+            self._permuted[id(result)] = weakref.ref(result)
+        return result

@@ -184,6 +184,15 @@ def _dynamic_shapes(module: nn.Module, inputs: ExampleInputs) -> Any:
     return dict(bound.arguments)
 
 
+def _positional(module: nn.Module, inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict]:
+    """Keyword inputs moved to their positions: the TorchScript exporter traces positionally."""
+    try:
+        bound = pyinspect.signature(module.forward).bind(*inputs.args, **inputs.kwargs)
+    except (TypeError, ValueError):
+        return tuple(inputs.args), dict(inputs.kwargs)
+    return tuple(bound.args), dict(bound.kwargs)
+
+
 class _Forward(nn.Module):
     """A plain module that calls ``inner``: hides an fx.GraphModule's ``graph`` attribute."""
 
@@ -217,13 +226,14 @@ def _run_exporter(
             )
         else:
             names = [f"input_{i}" for i in range(len(inputs.tensors()))]
+            args, kwargs = _positional(module, inputs)
             torch.onnx.export(
                 # the TorchScript exporter reads ``module.graph`` as a TorchScript graph when
                 # dynamic axes are given; an fx.GraphModule's ``graph`` is an fx.Graph
                 _Forward(module),
-                inputs.args,
+                args,
                 str(tmp),
-                kwargs=inputs.kwargs or None,
+                kwargs=kwargs or None,
                 dynamo=False,
                 input_names=names,
                 dynamic_axes={name: {0: "batch"} for name in names},

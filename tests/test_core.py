@@ -154,14 +154,17 @@ def test_share_modes_and_se_change_the_module_layout() -> None:
     )
 
 
+@pytest.mark.parametrize("as_keyword", [False, True])
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_both_exporters_export_a_lean_graph_module_with_a_dynamic_batch(
-    exporter: str, tmp_path: Path
+    exporter: str, as_keyword: bool, tmp_path: Path
 ) -> None:
     """The lean model is an fx.GraphModule; the TorchScript exporter (the fallback) must not
-    mistake its ``graph`` for a TorchScript graph when it validates the dynamic batch axis."""
+    mistake its ``graph`` for a TorchScript graph when it validates the dynamic batch axis, and
+    takes keyword inputs (``{"x": ...}``, as Hugging Face models are called) as well."""
     x = torch.randn(2, 3, 32, 32)
-    lean = fxattn.strip_ssia(fxattn.transform(CifarResNet(depth=11), x))
-    report = export_onnx(lean, tmp_path / "m.onnx", x, exporter=exporter)
+    inputs = {"x": x} if as_keyword else x
+    lean = fxattn.strip_ssia(fxattn.transform(CifarResNet(depth=11), inputs))
+    report = export_onnx(lean, tmp_path / "m.onnx", inputs, exporter=exporter)
     assert report.exporter == exporter and report.batch_sizes == (2, 3)
     assert report.max_abs_error <= 1e-4
