@@ -206,7 +206,12 @@ class _Forward(nn.Module):
 
 
 def _run_exporter(
-    kind: str, module: nn.Module, inputs: ExampleInputs, tmp: Path, opset: int | None
+    kind: str,
+    module: nn.Module,
+    inputs: ExampleInputs,
+    tmp: Path,
+    opset: int | None,
+    optimize: bool = True,
 ) -> None:
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
@@ -221,7 +226,7 @@ def _run_exporter(
                 dynamic_shapes=_dynamic_shapes(module, inputs),
                 opset_version=opset,
                 external_data=False,
-                optimize=True,
+                optimize=optimize,
                 verbose=False,
             )
         else:
@@ -239,6 +244,42 @@ def _run_exporter(
                 dynamic_axes={name: {0: "batch"} for name in names},
                 opset_version=opset or 17,
             )
+
+
+def _export_checked(
+    kind: str, module: nn.Module, inputs: ExampleInputs, tmp: Path, opset: int | None
+) -> list[str]:
+    """One export attempt into ``tmp``, which then passes ``onnx.checker``; returns notes.
+
+    ``"dynamo+compat"`` runs the dynamo exporter under :class:`ExportCompatMode` (exact
+    rewrites of calls it cannot convert; tried only after a plain export failed, so exportable
+    models keep their exact graph). A dynamo export whose *optimized* graph fails the checker
+    (onnxscript's optimizer has left nodes out of order, timm's Gemma-4 ViT) is redone
+    unoptimized: onnxruntime optimizes the graph again when it loads it anyway.
+    """
+    import onnx
+
+    exporter, _, variant = kind.partition("+")
+    notes: list[str] = []
+    for optimize in (True, False) if exporter == "dynamo" else (True,):
+        for leftover in tmp.parent.iterdir():  # an earlier attempt's partial files
+            leftover.unlink()
+        compat = ExportCompatMode() if variant == "compat" else None
+        with compat or contextlib.nullcontext():
+            _run_exporter(exporter, module, inputs, tmp, opset, optimize)
+        _consolidate_external_data(tmp)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except Exception as exc:  # noqa: BLE001 - retried unoptimized, else reported
+            problem = f"the exported model fails onnx.checker: {_first_line(exc)}"
+            if not optimize or exporter != "dynamo":
+                raise ExportError(problem) from exc
+            notes.append(f"{problem}; exported again without the exporter's optimizer")
+            continue
+        if compat is not None:
+            notes.append(str(compat.report))
+        return notes
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def export_onnx(
@@ -319,18 +360,9 @@ def export_onnx(
         start = time.perf_counter()
         used = None
         for kind in order:
-            for leftover in tmp.parent.iterdir():  # a failed attempt's partial files
-                leftover.unlink()
-            # "dynamo+compat": exact rewrites of calls the dynamo exporter cannot convert,
-            # tried only after a plain export failed (exportable models keep their graph)
-            compat = ExportCompatMode() if kind == "dynamo+compat" else contextlib.nullcontext()
             try:
-                with compat:
-                    _run_exporter(kind.split("+")[0], module, export_inputs, tmp, opset)
-                _consolidate_external_data(tmp)
+                notes += _export_checked(kind, module, export_inputs, tmp, opset)
                 used = kind
-                if isinstance(compat, ExportCompatMode):
-                    notes.append(str(compat.report))
                 break
             except Exception as exc:  # noqa: BLE001 - try the next exporter, report all
                 failures.append(f"{kind}: {_first_line(exc)}")
@@ -339,10 +371,6 @@ def export_onnx(
         if failures:
             notes.append(f"fell back to the {used} exporter ({failures[0]})")
         seconds = time.perf_counter() - start
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except Exception as exc:  # noqa: BLE001
-            raise ExportError(f"the exported model fails onnx.checker: {_first_line(exc)}") from exc
         if dia_weights not in (None, "fp32"):
             from .lowp import apply_dia_weights, tolerance
 

@@ -457,7 +457,7 @@ def test_interrupted_export_leaves_no_partial_file(
 ) -> None:
     """^C in the middle of writing: the half-written temporary is removed, the old file stays."""
 
-    def half_write(kind: str, module: nn.Module, inputs: Any, tmp: Path, opset: Any) -> None:
+    def half_write(kind: str, module: nn.Module, inputs: Any, tmp: Path, *rest: Any) -> None:
         tmp.write_bytes(b"half an onnx file")
         Path(str(tmp) + ".data").write_bytes(b"half the weights")
         raise KeyboardInterrupt

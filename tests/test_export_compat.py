@@ -140,3 +140,35 @@ def test_view_of_a_transpose_that_is_contiguous_while_tracing_is_copied_first(st
     assert compat.report.contiguous_reshapes == 1 and plain.shape == (2, 15)
     assert out.untyped_storage().data_ptr() != swapped.untyped_storage().data_ptr()
     torch.testing.assert_close(out, stored_transposed.transpose(1, 2).reshape(2, 15))
+
+
+def test_optimized_graph_failing_the_checker_is_exported_again_unoptimized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxscript's optimizer can leave nodes out of topological order (timm's Gemma-4 ViT):
+    simulated by reversing the optimized graph's nodes. The export is redone unoptimized."""
+    import onnx
+
+    import fxattn.onnx_export as onnx_export
+
+    real = onnx_export._run_exporter
+    calls: list[bool] = []
+
+    def exporter_with_a_broken_optimizer(kind: str, module: nn.Module, inputs: object,
+                                         tmp: Path, opset: object, optimize: bool = True) -> None:
+        calls.append(optimize)
+        real(kind, module, inputs, tmp, opset, optimize)
+        if optimize:
+            model = onnx.load(str(tmp))
+            nodes = list(model.graph.node)[::-1]
+            del model.graph.node[:]
+            model.graph.node.extend(nodes)
+            onnx.save(model, str(tmp))
+
+    monkeypatch.setattr(onnx_export, "_run_exporter", exporter_with_a_broken_optimizer)
+    x = torch.randn(2, 3, 16, 16)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(1))
+    report = export_onnx(model, tmp_path / "m.onnx", x, exporter="dynamo")
+    assert calls == [True, False] and report.exporter == "dynamo" and report.verified
+    assert any("without the exporter's optimizer" in note for note in report.notes)
+    onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
