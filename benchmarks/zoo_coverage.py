@@ -196,7 +196,10 @@ def build(model_id: str) -> tuple[Any, Any, str]:
         def tm(**kwargs: Any) -> Any:
             return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
 
-        sizes = tuple(dict.fromkeys(s for s in (64, 96, 128, 160, default) if s <= default))
+        # 56 and 112: multiples of 14 and 28 for patch-14 ViTs (DINOv2, DeepSeek) and 7x7 windows
+        sizes = tuple(
+            dict.fromkeys(s for s in (64, 56, 96, 112, 128, 160, default) if s <= default)
+        )
         return _image_candidates(tm, sizes or (default,), lambda s: {"img_size": s})
     if family == "transformers":
         return _build_transformers(name)

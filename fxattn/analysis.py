@@ -56,6 +56,7 @@ _MODULE_CHANNEL_SIDE: list[tuple[type[nn.Module], str]] = [
     (nn.modules.instancenorm._InstanceNorm, FIRST),
     (nn.GroupNorm, FIRST),
     (nn.Linear, LAST),
+    (nn.Embedding, LAST),
     (nn.LayerNorm, LAST),
     (nn.RMSNorm, LAST),
 ]
@@ -71,6 +72,8 @@ _FUNCTION_CHANNEL_SIDE: dict[Any, str] = {
     F.group_norm: FIRST,
     F.instance_norm: FIRST,
     F.linear: LAST,
+    F.embedding: LAST,
+    torch.addmm: LAST,  # bias + x @ W: Hugging Face's Conv1D (GPT-2) projects with it
     F.layer_norm: LAST,
     F.rms_norm: LAST,
 }
@@ -84,6 +87,8 @@ for _name, _side in [
     ("_native_batch_norm_legit_functional.default", FIRST),
     ("group_norm.default", FIRST),
     ("linear.default", LAST),
+    ("embedding.default", LAST),
+    ("addmm.default", LAST),
     ("layer_norm.default", LAST),
     ("rms_norm.default", LAST),
 ]:

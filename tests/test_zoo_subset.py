@@ -196,3 +196,16 @@ def test_export_fallback_trains_batch_norm_and_keeps_eval_graph(tmp_path: Path) 
     assert all(torch.equal(lean.state_dict()[k], v) for k, v in before_eval.items())
     report = export_onnx(lean, tmp_path / "m.onnx", x, batch_sizes=(2, 3))
     assert report.verified
+
+
+@pytest.mark.parametrize("make", [_gpt2, _bert], ids=["gpt2", "bert"])
+def test_every_transformer_residual_add_is_a_dia_site(
+    make: Callable[[], tuple[torch.nn.Module, Any]],
+) -> None:
+    """Two residual adds per layer (attention, MLP), each found: GPT-2's first one adds to the
+    token + position embeddings and its attention ends in Conv1D's ``addmm``, so the channel
+    dimension must be known through embeddings and ``addmm``."""
+    model, inputs = make()
+    plan = fxattn.inspect(model, inputs)
+    assert len(plan.sites) == 2 * 2, [s.node for s in plan.sites]
+    assert not any("could not be inferred" in note for note in plan.notes)
