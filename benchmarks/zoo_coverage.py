@@ -107,16 +107,50 @@ def timm_representatives() -> list[str]:
 
 
 HF_MODELS = (
+    # vision: CNNs, ViTs, hierarchical and hybrid transformers
     "ResNetForImageClassification",
     "ConvNextForImageClassification",
+    "ConvNextV2ForImageClassification",
+    "RegNetForImageClassification",
+    "MobileNetV2ForImageClassification",
+    "EfficientNetForImageClassification",
+    "BitForImageClassification",
     "ViTForImageClassification",
+    "DeiTForImageClassification",
+    "BeitForImageClassification",
+    "Dinov2ForImageClassification",
+    "CLIPVisionModel",
     "SwinForImageClassification",
-    "BertForSequenceClassification",
-    "GPT2LMHeadModel",
-    "DistilBertForSequenceClassification",
+    "Swinv2ForImageClassification",
+    "PvtV2ForImageClassification",
+    "LevitForImageClassification",
+    "PoolFormerForImageClassification",
     "MobileViTForImageClassification",
     "SegformerForSemanticSegmentation",
+    # text encoders (token ids in)
+    "BertForSequenceClassification",
+    "DistilBertForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "AlbertForSequenceClassification",
+    "ElectraForSequenceClassification",
+    "DebertaV2ForSequenceClassification",
+    "T5EncoderModel",
+    # decoders
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "MistralForCausalLM",
+    # audio (a raw waveform in)
+    "Wav2Vec2ForSequenceClassification",
 )
+# Convolutional stems that take a 64x64 input; the others keep their config's image size
+# (HF Swin, for one, keeps 7x7 windows under tracing, which 64x64 cannot tile).
+HF_SMALL_IMAGE = ("ResNet", "ConvNext", "RegNet", "MobileNetV2", "EfficientNet", "Bit",
+                  "PoolFormer", "Segformer")
+# Decoder LLMs' default configs are 7B-wide; a 2-layer slice still has ~0.5B parameters in its
+# embeddings, so their width is cut too (the block structure is the default config's).
+HF_NARROW = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 1000}
 
 
 def all_models(families: tuple[str, ...]) -> list[str]:
@@ -225,30 +259,35 @@ def build(model_id: str) -> tuple[Any, Any, str]:
 def _build_transformers(name: str) -> tuple[Any, Any, str]:
     """A transformers model from its default config (no download), shortened to 2 layers.
 
-    The architecture is the default config's; only the depth is cut (and GPT-2's KV cache
-    switched off, which a training step does not use) to keep the run short on a CPU.
+    The architecture is the default config's; only the depth is cut (and the KV cache switched
+    off, which a training step does not use) to keep the run short on a CPU, plus the width of
+    decoder LLMs (:data:`HF_NARROW`).
     """
     import torch
     import transformers
 
     cls = getattr(transformers, name)
     config = cls.config_class()
-    for attr in ("num_hidden_layers", "n_layer", "n_layers"):
+    for attr in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
         if hasattr(config, "depths"):
             break  # staged models (ConvNeXt, Swin, ResNet): num_hidden_layers is derived
         if isinstance(getattr(config, attr, None), int):
             setattr(config, attr, 2)
+    if name.endswith("ForCausalLM"):
+        for attr, value in HF_NARROW.items():
+            if hasattr(config, attr):
+                setattr(config, attr, value)
     if hasattr(config, "use_cache"):
         config.use_cache = False
     torch.manual_seed(0)
     model = cls(config)
     vocab = getattr(config, "vocab_size", None)
-    if "ImageClassification" in name or "SemanticSegmentation" in name:
-        size = int(getattr(config, "image_size", 64) or 64)
-        size = size if isinstance(size, int) else 224
-        # Swin stays at its 224: under tracing HF Swin keeps its 7x7 windows, which a 64x64
-        # input (16x16 patches, 8x8 after merging) cannot tile
-        if name.startswith(("ResNet", "ConvNext", "Segformer")):
+    if name.startswith("Wav2Vec2"):
+        return model, {"input_values": torch.randn(2, 4000)}, "input_values 2x4000 float32"
+    if any(word in name for word in ("ImageClassification", "SemanticSegmentation", "Vision")):
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else int(size[0])
+        if name.startswith(HF_SMALL_IMAGE):
             size = 64
         channels = int(getattr(config, "num_channels", 3))
         inputs = {"pixel_values": torch.randn(2, channels, size, size)}

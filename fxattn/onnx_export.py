@@ -251,11 +251,12 @@ def _export_checked(
 ) -> list[str]:
     """One export attempt into ``tmp``, which then passes ``onnx.checker``; returns notes.
 
-    ``"dynamo+compat"`` runs the dynamo exporter under :class:`ExportCompatMode` (exact
-    rewrites of calls it cannot convert; tried only after a plain export failed, so exportable
-    models keep their exact graph). A dynamo export whose *optimized* graph fails the checker
-    (onnxscript's optimizer has left nodes out of order, timm's Gemma-4 ViT) is redone
-    unoptimized: onnxruntime optimizes the graph again when it loads it anyway.
+    ``"dynamo+compat"`` runs the dynamo exporter under :class:`ExportCompatMode` with its
+    layout rewrites (exact rewrites of calls it cannot convert; tried only after a plain export
+    failed, so exportable models keep their exact graph); every dynamo export runs under its
+    fixes for patterns onnxruntime computes wrongly. A dynamo export whose *optimized* graph
+    fails the checker (onnxscript's optimizer has left nodes out of order, timm's Gemma-4 ViT)
+    is redone unoptimized: onnxruntime optimizes the graph again when it loads it anyway.
     """
     import onnx
 
@@ -264,8 +265,9 @@ def _export_checked(
     for optimize in (True, False) if exporter == "dynamo" else (True,):
         for leftover in tmp.parent.iterdir():  # an earlier attempt's partial files
             leftover.unlink()
-        compat = ExportCompatMode() if variant == "compat" else None
-        with compat or contextlib.nullcontext():
+        # the layout rewrites only in the "+compat" attempt; the fixes for wrong numbers always
+        compat = ExportCompatMode(layout_rewrites=variant == "compat")
+        with compat if exporter == "dynamo" else contextlib.nullcontext():
             _run_exporter(exporter, module, inputs, tmp, opset, optimize)
         _consolidate_external_data(tmp)
         try:
@@ -276,7 +278,7 @@ def _export_checked(
                 raise ExportError(problem) from exc
             notes.append(f"{problem}; exported again without the exporter's optimizer")
             continue
-        if compat is not None:
+        if compat.report.changed:
             notes.append(str(compat.report))
         return notes
     raise AssertionError("unreachable")  # the loop returns or raises

@@ -13,7 +13,11 @@ from hypothesis import given, settings
 from torch import nn
 
 import fxattn
-from fxattn.export_compat import ExportCompatMode, scaled_dot_product_attention_4d
+from fxattn.export_compat import (
+    ExportCompatMode,
+    scaled_dot_product_attention_4d,
+    zero_pad_by_concat,
+)
 from fxattn.onnx_export import export_onnx
 
 
@@ -172,3 +176,36 @@ def test_optimized_graph_failing_the_checker_is_exported_again_unoptimized(
     assert calls == [True, False] and report.exporter == "dynamo" and report.verified
     assert any("without the exporter's optimizer" in note for note in report.notes)
     onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(pads=st.lists(st.integers(0, 3), min_size=2, max_size=6).filter(lambda p: len(p) % 2 == 0),
+       seed=st.integers(0, 2**16))
+def test_zero_pad_by_concat_equals_zero_pad(pads: list[int], seed: int) -> None:
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(zero_pad_by_concat(x, pads), F.pad(x, pads))
+
+
+class PaddedStem(nn.Module):
+    """HF BiT's stem: convolution, zero padding, max pooling (values are negative too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.pad = nn.ConstantPad2d(1, 0.0)
+        self.pool = nn.MaxPool2d(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.pad(self.conv(x)))
+
+
+def test_zero_pad_then_max_pool_exports_with_the_right_numbers(tmp_path: Path) -> None:
+    """onnxruntime's PadFusion folds Pad(0) -> MaxPool into the pool's -inf padding; the export
+    concatenates the zeros instead, so onnxruntime agrees with PyTorch at the border."""
+    torch.manual_seed(0)
+    model = PaddedStem().eval()
+    x = torch.randn(2, 3, 32, 32) - 1.0  # mostly negative maps: the border zeros matter
+    report = export_onnx(model, tmp_path / "m.onnx", x)
+    assert report.exporter == "dynamo" and report.max_abs_error <= 1e-4
+    assert any("1 zero pad(s) before a max pool concatenated" in n for n in report.notes)
+    assert "Pad" not in report.op_counts and report.op_counts.get("Concat", 0) >= 1
