@@ -271,6 +271,8 @@ class ExampleInputs:
                 f"{', '.join(map(repr, names)) or 'no inputs'}; use forward()'s argument names"
             )
         for node, name in zip(placeholders, names, strict=True):
+            if str(node.target).startswith("**"):
+                continue  # ``**kwargs``: extra keywords (the interpreter hands it the rest)
             if positional:
                 values.append(positional.pop(0))
             elif name in self.kwargs:

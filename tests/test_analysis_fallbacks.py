@@ -121,3 +121,20 @@ def test_unsupplied_optional_arguments_are_traced_at_their_defaults() -> None:
     lean = fxattn.strip_ssia(net.eval())
     with torch.no_grad():
         torch.testing.assert_close(lean(x), model(x))
+
+
+class TakesKwargs(OptionalMask):
+    """``forward(self, x, **kwargs)``, as Hugging Face vision models declare it."""
+
+    def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)
+
+
+def test_forward_with_var_keyword_arguments_is_traced_and_run() -> None:
+    x = torch.randn(2, 3, 16, 16)
+    model = TakesKwargs().eval()
+    net = fxattn.transform(model, {"x": x})
+    assert net.plan.tracer == "torch.fx" and net.plan.sites
+    lean = fxattn.strip_ssia(net.eval())
+    with torch.no_grad():
+        assert lean(x=x).shape == model(x=x).shape
