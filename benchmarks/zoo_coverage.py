@@ -279,6 +279,12 @@ def _build_transformers(name: str) -> tuple[Any, Any, str]:
                 setattr(config, attr, value)
     if hasattr(config, "use_cache"):
         config.use_cache = False
+    # Training-time randomness decided in Python, outside any graph, which no tracer can
+    # capture: Wav2Vec2's SpecAugment draws its masks with numpy, and LayerDrop skips whole
+    # layers on a coin flip (`if torch.rand([]) < layerdrop`). Both are off at inference.
+    for attr in ("mask_time_prob", "layerdrop"):
+        if hasattr(config, attr):
+            setattr(config, attr, 0.0)
     torch.manual_seed(0)
     model = cls(config)
     vocab = getattr(config, "vocab_size", None)

@@ -336,9 +336,16 @@ def trace_dual(
                                "torch.export", "torch._dynamo"), _stderr_kept_on_success():
                     return export_dual(model, inputs)
             except Exception as export_error:  # noqa: BLE001 - report both tracers' failures
+                hint = ""
+                if "data-dependent" in str(export_error):
+                    hint = (
+                        "; the model branches in Python on a tensor's value, e.g. a random "
+                        "draw deciding whether to skip a layer in training (LayerDrop): make "
+                        "that decision fixed (layerdrop=0) for the transform"
+                    )
                 raise TraceError(
                     f"{fx_error} (the torch.export fallback failed too: "
-                    f"{_first_line(export_error)})"
+                    f"{_first_line(export_error)}{hint})"
                 ) from fx_error
 
 

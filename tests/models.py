@@ -82,6 +82,25 @@ class Gate(nn.Module):
         return x
 
 
+class LayerDrop(nn.Module):
+    """Skips each block on a coin flip in training (HF's LayerDrop): structure drawn at random."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            if self.training and torch.rand([], device=x.device) < self.p:
+                continue
+            x = x + block(x)
+        return self.head(x.mean((2, 3)))
+
+
 class PlainMLP(nn.Module):
     """No residual addition and no spatial stage: nothing for DIA or SSIA to attach to."""
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import assert_state_equal, state_snapshot
-from models import CifarResNet, DataDependent, PlainMLP
+from models import CifarResNet, DataDependent, LayerDrop, PlainMLP
 from torch import nn
 
 import fxattn
@@ -86,6 +86,8 @@ API_CASES: list[Case] = [
     ("untraceable-control-flow", DataDependent, lambda m: fxattn.transform(m, X),
      fxattn.TraceError, ("'gate' (Gate)", "models.py:", "if x.sum() > 0", "leaf_modules",
                          "concrete_args", "torch.export")),
+    ("random-layer-skip", LayerDrop, lambda m: fxattn.transform(m, X),
+     fxattn.TraceError, ("torch.export", "tensor's value", "layerdrop=0")),
     ("inputs-missing", small_resnet, lambda m: fxattn.transform(m, None),
      fxattn.InputError, ("example_inputs is required",)),
     ("inputs-not-tensors", small_resnet, lambda m: fxattn.transform(m, "x.png"),
