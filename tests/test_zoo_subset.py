@@ -6,9 +6,9 @@ lean output equals the evaluation output, no SSIA left) -> ONNX export -> onnxru
 <= 1e-4 at batch 2 and 3. The models span torchvision (classification with train-only auxiliary
 outputs, segmentation with a dict output), timm (CNN, ViT), Hugging Face transformers (token-id
 inputs, ``ModelOutput`` dataclass outputs: only the ``torch.export`` capture can take them).
-Small configs and inputs keep the whole file to a few minutes on two idle cores. (The
-diffusers UNet is in the full run only: its skip connections leave a single main-path stage,
-so SSIA finds nothing to pair - see ``benchmarks/results/zoo.md``.)
+Small configs and inputs keep the whole file to a few minutes on two idle cores. The
+diffusers UNet takes two inputs (a sample and integer timesteps) and its skip connections leave
+no two stage outputs on one main path, so its SSIA taps are evenly spaced residual blocks.
 """
 
 from __future__ import annotations
@@ -67,6 +67,16 @@ def _hf_vit() -> tuple[torch.nn.Module, Any]:
     return model, {"pixel_values": torch.randn(2, 3, 32, 32)}
 
 
+def _unet() -> tuple[torch.nn.Module, Any]:
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+    )
+    return unet, (torch.randn(2, 3, 16, 16), torch.tensor([10, 500]))
+
+
 # (id, builder, tracer that must serve it)
 SUBSET: list[tuple[str, Callable[[], tuple[torch.nn.Module, Any]], str]] = [
     ("torchvision:resnet18", _tv("resnet18", 32, num_classes=10), "torch.fx"),
@@ -84,6 +94,7 @@ SUBSET: list[tuple[str, Callable[[], tuple[torch.nn.Module, Any]], str]] = [
     ("transformers:BertForSequenceClassification", _bert, "torch.export"),
     ("transformers:GPT2LMHeadModel", _gpt2, "torch.export"),
     ("transformers:ViTForImageClassification", _hf_vit, "torch.export"),
+    ("diffusers:UNet2DModel", _unet, "torch.export"),
 ]
 
 
