@@ -52,7 +52,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 STAGES = ("build", "trace", "analyze", "insert", "train", "strip", "export", "parity")
-FAMILIES = ("torchvision", "torchvision.segmentation", "timm", "transformers", "diffusers")
+FAMILIES = (
+    "torchvision", "torchvision.segmentation", "timm", "timm.heldout", "transformers", "diffusers"
+)
+HELDOUT_COUNT = 40
 PARITY_ATOL = 1e-4  # absolute, for outputs of magnitude <= 1; relative beyond that
 RESULT_MARK = "@@ZOO_RESULT@@"
 
@@ -104,6 +107,27 @@ def timm_representatives() -> list[str]:
     for name in timm.list_models():
         modules[model_entrypoint(name).__module__.rsplit(".", 1)[-1]].append(name)
     return [f"timm:{min(names, key=_variant_size)}" for _, names in sorted(modules.items())]
+
+
+def timm_heldout(count: int = HELDOUT_COUNT, seed: int = 0) -> list[str]:
+    """A fixed random sample of timm models that are *not* the representatives above.
+
+    fxattn is never tuned on this list: it measures coverage on variants nobody looked at
+    (other depths, widths, heads and input sizes of the same modules). Variants too large to
+    run on a 2-core CPU in the time limit (``large`` and up, inputs of 384 px and more) are
+    left out of the draw.
+    """
+    import random
+
+    import timm
+
+    chosen = set(timm_representatives())
+    too_big = re.compile(
+        r"large|huge|giant|gigantic|enormous"
+        r"|_(?:l|h|g|e|xl)(?:_|\d|$)|_(?:384|448|512|518|560|576|640)"
+    )
+    pool = [n for n in timm.list_models() if f"timm:{n}" not in chosen and not too_big.search(n)]
+    return [f"timm.heldout:{n}" for n in sorted(random.Random(seed).sample(pool, count))]
 
 
 HF_MODELS = (
@@ -161,6 +185,8 @@ def all_models(families: tuple[str, ...]) -> list[str]:
         ids += torchvision_segmentation_models()
     if "timm" in families:
         ids += timm_representatives()
+    if "timm.heldout" in families:
+        ids += timm_heldout()
     if "transformers" in families:
         ids += [f"transformers:{n}" for n in HF_MODELS]
     if "diffusers" in families:
@@ -221,7 +247,7 @@ def build(model_id: str) -> tuple[Any, Any, str]:
             )
 
         return _image_candidates(seg, (64, 96, 128), lambda s: {})
-    if family == "timm":
+    if family in ("timm", "timm.heldout"):
         import timm
 
         cfg = timm.get_pretrained_cfg(name)
@@ -349,7 +375,7 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
         model, inputs, described = build(model_id)
         record["input"] = described
         record["parameters"] = sum(p.numel() for p in model.parameters())
-        if family == "timm":
+        if family.startswith("timm"):
             from timm.models import model_entrypoint
 
             record["module"] = model_entrypoint(name).__module__.rsplit(".", 1)[-1]
