@@ -622,6 +622,11 @@ def write_markdown(
         text += [f"timm: one representative (the smallest variant) per architecture module; "
                  f"{sum(r['status'] == 'ok' for r in timm_records)} of {len(timm_records)} "
                  "modules pass the whole pipeline.", ""]
+    heldout = by_family.get("timm.heldout", [])
+    if heldout:
+        text += [f"timm.heldout: a fixed random sample (seed 0) of {len(heldout)} other timm "
+                 "variants, below `large` size, never used to tune fxattn; "
+                 f"{sum(r['status'] == 'ok' for r in heldout)} pass the whole pipeline.", ""]
     text += ["## Failures", "", *(failures if len(failures) > 2 else ["None."]), ""]
     exporters = Counter(r.get("exporter") for r in results.values() if r["status"] == "ok")
     special = ["| model | exporter | note |", "|---|---|---|"]
