@@ -59,6 +59,14 @@ def _gpt2() -> tuple[torch.nn.Module, Any]:
     return transformers.GPT2LMHeadModel(config), {"input_ids": torch.randint(0, 100, (2, 12))}
 
 
+def _llama() -> tuple[torch.nn.Module, Any]:
+    """A decoder LLM block (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU)."""
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=100, use_cache=False)
+    return transformers.LlamaForCausalLM(config), {"input_ids": torch.randint(0, 100, (2, 12))}
+
+
 def _hf_vit() -> tuple[torch.nn.Module, Any]:
     config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32,
                                     num_hidden_layers=2, num_attention_heads=2,
@@ -93,6 +101,7 @@ SUBSET: list[tuple[str, Callable[[], tuple[torch.nn.Module, Any]], str]] = [
      "torch.fx"),
     ("transformers:BertForSequenceClassification", _bert, "torch.export"),
     ("transformers:GPT2LMHeadModel", _gpt2, "torch.export"),
+    ("transformers:LlamaForCausalLM", _llama, "torch.export"),
     ("transformers:ViTForImageClassification", _hf_vit, "torch.export"),
     ("diffusers:UNet2DModel", _unet, "torch.export"),
 ]
@@ -209,7 +218,7 @@ def test_export_fallback_trains_batch_norm_and_keeps_eval_graph(tmp_path: Path) 
     assert report.verified
 
 
-@pytest.mark.parametrize("make", [_gpt2, _bert], ids=["gpt2", "bert"])
+@pytest.mark.parametrize("make", [_gpt2, _bert, _llama], ids=["gpt2", "bert", "llama"])
 def test_every_transformer_residual_add_is_a_dia_site(
     make: Callable[[], tuple[torch.nn.Module, Any]],
 ) -> None:
