@@ -356,6 +356,8 @@ def write_results(records: list[dict[str, Any]], latency: dict[str, Any],
         figure, grid = plt.subplots(len(reports), stages, figsize=(3.4 * stages,
                                                                    3.2 * len(reports)),
                                     squeeze=False)
+        # room for each panel's tick labels; set before the colour bars take their space
+        figure.subplots_adjust(wspace=0.5, hspace=0.45, top=0.9)
         for row, (arm, report) in zip(grid, reports.items(), strict=True):
             plot_correlation(report, axes=list(row))
             row[0].set_ylabel(f"{arm}\n(mean r {report.mean_pearson:.2f})", fontsize=9)
