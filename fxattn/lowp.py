@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ExportError
+from .onnx_export import external_data_path, onnx_file_bytes, save_with_external_data
 
 DIA_PREFIX = "fxattn_dia."
 DIA_WEIGHT_MODES = ("fp32", "fp16", "int8", "int4")
@@ -335,14 +336,12 @@ def apply_dia_weights(
     elif mode == "fp16":
         model = dia_to_fp16(model, prefix)
         parts.append("DIA matrices stored as fp16 (+ Cast)")
-    data = Path(str(path) + ".data")
-    if data.exists():  # a model over 2 GB: its weights stay in the companion file
-        data.unlink()
-        onnx.save_model(model, str(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data.name)
+    path = Path(path)
+    if external_data_path(path).exists():  # a model over 2 GB: its weights stay in that file
+        save_with_external_data(model, path)
     else:
         onnx.save(model, str(path))
-    after = Path(path).stat().st_size + (data.stat().st_size if data.exists() else 0)
+    after = onnx_file_bytes(path)
     parts.append(f"fp32 DIA matrices were {before / 1e6:.1f} MB; file now {after / 1e6:.1f} MB")
     return "; ".join(parts)
 

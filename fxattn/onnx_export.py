@@ -158,11 +158,26 @@ def _consolidate_external_data(staged: Path) -> None:
     if not others:
         return
     model = onnx.load(str(staged))  # loads every external tensor into memory
-    for path in [*others, data]:
-        if path.exists():
-            path.unlink()
-    onnx.save_model(model, str(staged), save_as_external_data=True,
+    for path in others:
+        path.unlink()
+    save_with_external_data(model, staged)
+
+
+def save_with_external_data(model: Any, path: Path) -> None:
+    """Save ONNX ``model`` at ``path`` with its weights in the one file ``<name>.data``."""
+    import onnx
+
+    data = external_data_path(path)
+    if data.exists():
+        data.unlink()  # onnx appends to an existing data file
+    onnx.save_model(model, str(path), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=data.name)
+
+
+def onnx_file_bytes(path: Path) -> int:
+    """Bytes on disk of an ONNX model: the file plus its ``<name>.data`` file, if any."""
+    data = external_data_path(path)
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def _export_inputs(inputs: ExampleInputs) -> ExampleInputs:
@@ -382,8 +397,7 @@ def export_onnx(
         abs_err = rel_err = 0.0
         if verify:
             abs_err, rel_err = verify_onnx(str(tmp), module, inputs, batch_sizes, atol, seed)
-        data = external_data_path(tmp)
-        file_bytes = tmp.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        file_bytes = onnx_file_bytes(tmp)
     ops = Counter(node.op_type for node in model_proto.graph.node)
     initializers = sum(int(np.prod(t.dims)) for t in model_proto.graph.initializer)
     return ExportReport(
