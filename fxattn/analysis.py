@@ -763,26 +763,16 @@ def find_taps(
     info = _OpInfo(gm)
     batch = _batch_size(gm.graph)
     for node in main_path_dominators(gm.graph, info.is_parametrised):
-        shape = tensor_shape(node)
-        if node.op == "placeholder" or shape is None or len(shape) < 3 or dims.get(node) is None:
+        if node.op == "placeholder" or not _tap_candidate(node, dims, batch):
             continue
-        if batch is not None and shape[0] != batch:
-            continue  # not batch-major (Hiera's unrolled windows): per-sample maps need it
-        dtype = tensor_dtype(node)
-        if dtype is None or not dtype.is_floating_point:
-            continue
-        layout = layout_name(dims[node] or 1, len(shape))
-        if "/" in layout:
-            # not a feature map: e.g. Swin's patch merging reshapes (B, H/2, 2, W/2, 2, C)
-            continue
+        shape = tensor_shape(node) or ()
         spatial = tuple(s for d, s in enumerate(shape) if d not in (0, dims[node]))
-        if layout == "NLC":
+        if layout_name(dims[node] or 1, len(shape)) == "NLC":
             # Tokens of a square grid (plus class / register tokens) sit at that grid's
             # resolution: a ViT's patch embedding and its blocks form one stage.
             grid, _ = _token_grid(spatial[0])
             spatial = grid or spatial
-        if math.prod(spatial) > 1:
-            candidates.append((node, spatial))
+        candidates.append((node, spatial))
     runs: list[list[fx.Node]] = []
     previous = None
     for node, spatial in candidates:
@@ -843,12 +833,14 @@ def _tap_candidate(node: fx.Node, dims: dict[fx.Node, int | None], batch: int | 
     if shape is None or len(shape) < 3 or dims.get(node) is None:
         return False
     if batch is not None and shape[0] != batch:
-        return False
+        return False  # not batch-major (Hiera's unrolled windows): per-sample maps need it
     if dtype is None or not dtype.is_floating_point:
         return False
+    if "/" in layout_name(dims[node] or 1, len(shape)):
+        return False  # not a feature map: Swin's patch merging reshapes (B, H/2, 2, W/2, 2, C)
     positions = math.prod(s for d, s in enumerate(shape) if d not in (0, dims[node]))
     # more than one position: a class token alone (CrossViT's fusion) has no map to supervise
-    return positions > 1 and "/" not in layout_name(dims[node] or 1, len(shape))
+    return positions > 1
 
 
 def _block_outputs(adds: list[fx.Node]) -> list[fx.Node]:

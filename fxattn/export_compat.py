@@ -166,17 +166,15 @@ class ExportCompatMode(TorchFunctionMode):
         super().__init__()
         self.layout_rewrites = layout_rewrites
         self.report = ExportCompatReport()
-        # by identity: a WeakSet would compare tensors with ==, which is elementwise
-        self._permuted: dict[int, weakref.ref[torch.Tensor]] = {}
+        # Tensors remembered by identity, each entry (weak reference, *facts): a WeakSet would
+        # compare tensors with ==, which is elementwise.
+        self._permuted: dict[int, tuple[weakref.ref[torch.Tensor]]] = {}
         self._zero_padded: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor, list]] = {}
 
     @staticmethod
-    def _lookup(table: dict[int, Any], value: Any) -> Any:
+    def _lookup(table: dict[int, tuple], value: Any) -> tuple | None:
         entry = table.get(id(value))
-        if entry is None:
-            return None
-        ref = entry[0] if isinstance(entry, tuple) else entry
-        return entry if ref() is value else None
+        return entry if entry is not None and entry[0]() is value else None
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict | None = None
@@ -203,7 +201,7 @@ class ExportCompatMode(TorchFunctionMode):
         if not isinstance(result, torch.Tensor):
             return result
         if self.layout_rewrites and func in _PERMUTES:
-            self._permuted[id(result)] = weakref.ref(result)
+            self._permuted[id(result)] = (weakref.ref(result),)
         zero_pad = _zero_pad_call(func, args, kwargs)
         if zero_pad is not None:  # remembered in case a max pool reads it
             self._zero_padded[id(result)] = (weakref.ref(result), *zero_pad)
