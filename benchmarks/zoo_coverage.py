@@ -53,7 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 STAGES = ("build", "trace", "analyze", "insert", "train", "strip", "export", "parity")
 FAMILIES = (
-    "torchvision", "torchvision.segmentation", "timm", "timm.heldout", "transformers", "diffusers"
+    "torchvision", "torchvision.segmentation", "timm", "timm.heldout", "transformers", "diffusers",
+    "torchvision.video", "torchvision.optical_flow", "torchvision.quantization", "ultralytics",
 )
 HELDOUT_COUNT = 40
 PARITY_ATOL = 1e-4  # absolute, for outputs of magnitude <= 1; relative beyond that
@@ -177,6 +178,23 @@ HF_NARROW = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads"
              "num_key_value_heads": 2, "vocab_size": 1000}
 
 
+def torchvision_module_models(family: str, module: str) -> list[str]:
+    """Every model torchvision registers in ``torchvision.models.<module>``."""
+    import torchvision
+
+    names = torchvision.models.list_models(module=getattr(torchvision.models, module))
+    return [f"{family}:{n}" for n in names]
+
+
+# Ultralytics YOLOv8 and YOLO11 in their four tasks, built from the yaml (scale n, no weights).
+ULTRALYTICS_CONFIGS = tuple(
+    f"{base}{task}.yaml" for base in ("yolov8n", "yolo11n") for task in ("", "-seg", "-pose", "-cls")
+)
+# An unconditional UNet, a text-conditioned UNet (cross-attention on encoder_hidden_states) and
+# a class-conditioned diffusion transformer, each in a tiny config.
+DIFFUSERS_MODELS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+
+
 def all_models(families: tuple[str, ...]) -> list[str]:
     ids: list[str] = []
     if "torchvision" in families:
@@ -190,7 +208,14 @@ def all_models(families: tuple[str, ...]) -> list[str]:
     if "transformers" in families:
         ids += [f"transformers:{n}" for n in HF_MODELS]
     if "diffusers" in families:
-        ids += ["diffusers:UNet2DModel"]
+        ids += [f"diffusers:{n}" for n in DIFFUSERS_MODELS]
+    for family, module in (("torchvision.video", "video"),
+                           ("torchvision.optical_flow", "optical_flow"),
+                           ("torchvision.quantization", "quantization")):
+        if family in families:
+            ids += torchvision_module_models(family, module)
+    if "ultralytics" in families:
+        ids += [f"ultralytics:{cfg}" for cfg in ULTRALYTICS_CONFIGS]
     return ids
 
 
@@ -264,22 +289,112 @@ def build(model_id: str) -> tuple[Any, Any, str]:
     if family == "transformers":
         return _build_transformers(name)
     if family == "diffusers":
-        from diffusers import UNet2DModel
+        return _build_diffusers(name)
+    if family == "torchvision.video":
+        return _build_video(name)
+    if family == "torchvision.optical_flow":
+        import torchvision
 
         torch.manual_seed(0)
-        unet = UNet2DModel(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=8,
-        )
-        inputs = (torch.randn(2, 3, 32, 32), torch.tensor([10, 500]))
-        return unet, inputs, "sample 2x3x32x32, timestep (2,) int64"
+        raft = torchvision.models.get_model(name, weights=None)
+        # features at 1/8 resolution feed a 4-level correlation pyramid: 128 px is the least
+        images = (torch.randn(2, 3, 128, 128), torch.randn(2, 3, 128, 128))
+        return raft, images, "image1, image2 2x3x128x128"
+    if family == "torchvision.quantization":
+        import torchvision
+
+        def quantizable(**kwargs: Any) -> Any:
+            return torchvision.models.get_model(
+                name, weights=None, quantize=False, num_classes=10, **kwargs
+            )
+
+        return _image_candidates(quantizable, (64, 96, 128, 224, 299), lambda s: {})
+    if family == "ultralytics":
+        return _build_ultralytics(name)
     raise ValueError(f"unknown family {family!r}")
+
+
+def _build_diffusers(name: str) -> tuple[Any, Any, str]:
+    """A tiny diffusers denoiser (random weights) and one noisy batch of its own inputs."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    timestep = torch.tensor([10, 500])
+    if name == "UNet2DModel":
+        unet = diffusers.UNet2DModel(
+            sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+        )
+        inputs = (torch.randn(2, 3, 32, 32), timestep)
+        return unet, inputs, "sample 2x3x32x32, timestep (2,) int64"
+    if name == "UNet2DConditionModel":
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        )
+        inputs = {"sample": torch.randn(2, 4, 16, 16), "timestep": timestep,
+                  "encoder_hidden_states": torch.randn(2, 7, 32)}
+        return unet, inputs, "sample 2x4x16x16, timestep (2,), encoder_hidden_states 2x7x32"
+    if name == "DiTTransformer2DModel":
+        dit = diffusers.DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+            num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+        )
+        inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": timestep,
+                  "class_labels": torch.tensor([1, 7])}
+        return dit, inputs, "hidden_states 2x4x8x8, timestep (2,), class_labels (2,)"
+    raise ValueError(f"unknown diffusers model {name!r}")
+
+
+# (T, H, W) clips tried smallest first. Two models take only their training size, 16x224x224:
+# S3D ends in a fixed (2, 7, 7) average pool at stride (8, 32, 32), and torchvision's MViT
+# builders fix the positional tables' (and pooling's) size to it.
+VIDEO_SIZES = ((4, 32, 32), (8, 64, 64), (16, 112, 112), (16, 224, 224))
+
+
+def _build_video(name: str) -> tuple[Any, Any, str]:
+    """A torchvision video classifier on the smallest ``(B, 3, T, H, W)`` clip it accepts."""
+    import torch
+    import torchvision
+
+    errors = []
+    for t, h, w in VIDEO_SIZES:
+        try:
+            torch.manual_seed(0)
+            model = torchvision.models.get_model(name, weights=None, num_classes=10)
+            clip = torch.randn(2, 3, t, h, w)
+            model.eval()
+            with torch.no_grad():
+                model(clip)
+            return model, clip, f"2x3x{t}x{h}x{w}"
+        except Exception as exc:  # noqa: BLE001 - try the next size
+            errors.append(f"{t}x{h}x{w}: {_first_line(exc)}")
+    raise RuntimeError("no clip size works: " + "; ".join(errors[-2:]))
+
+
+def _build_ultralytics(cfg: str) -> tuple[Any, Any, str]:
+    """A YOLO model of the task its yaml names (detect, segment, pose, classify), no weights.
+
+    The model carries ultralytics' default training hyperparameters (``model.args``) so that
+    its own ``model.loss(batch, preds)`` works as in ultralytics' trainer.
+    """
+    import torch
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn import tasks
+
+    kind = {"-seg": tasks.SegmentationModel, "-pose": tasks.PoseModel,
+            "-cls": tasks.ClassificationModel}
+    cls = next((c for suffix, c in kind.items() if f"{suffix}." in cfg), tasks.DetectionModel)
+    torch.manual_seed(0)
+    model = cls(cfg, nc=3, verbose=False)
+    model.args = get_cfg()
+    size = 32 if cls is tasks.ClassificationModel else 64
+    return model, torch.randn(2, 3, size, size), f"2x3x{size}x{size}"
 
 
 def _build_transformers(name: str) -> tuple[Any, Any, str]:
@@ -326,6 +441,90 @@ def _build_transformers(name: str) -> tuple[Any, Any, str]:
         return model, inputs, f"pixel_values 2x{channels}x{size}x{size}"
     ids = torch.randint(0, int(vocab or 1000), (2, 16))
     return model, {"input_ids": ids}, "input_ids 2x16 int64"
+
+
+# --------------------------------------------------------------------------- task losses (child)
+
+
+def task_loss(model_id: str, model: Any, inputs: Any) -> Callable[[Any], Any]:
+    """The training loss of one zoo model, as a function of the (transformed) model's output.
+
+    Families with a loss of their own use it on generated targets: cross-entropy for the
+    video and quantizable classifiers, RAFT's sequence loss, ultralytics' ``model.loss``,
+    the denoisers' noise-prediction MSE. The other families train on the mean square of every
+    float output (what matters there is that the step runs and moves DIA).
+    """
+    import torch
+
+    family = model_id.split(":", 1)[0]
+    torch.manual_seed(1)
+    if family in ("torchvision.video", "torchvision.quantization"):
+        labels = torch.randint(0, 10, (_batch_of(inputs),))
+        return lambda out: sum(torch.nn.functional.cross_entropy(t, labels)
+                               for t in _float_leaves(out) if t.dim() == 2)
+    if family == "torchvision.optical_flow":
+        image1 = inputs[0]
+        target = torch.randn(image1.shape[0], 2, *image1.shape[2:])
+        return lambda flows: _raft_sequence_loss(flows, target)
+    if family == "ultralytics":
+        batch = _yolo_batch(model, inputs)
+        return lambda preds: model.loss(batch, preds)[0].sum()
+    if family == "diffusers":
+        sample = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
+        noise = torch.randn_like(sample)  # the noise the denoiser is trained to predict
+        return lambda out: torch.nn.functional.mse_loss(_float_leaves(out)[0].float(), noise)
+    return lambda out: sum(t.float().pow(2).mean() for t in _float_leaves(out))
+
+
+def _batch_of(inputs: Any) -> int:
+    from fxattn.tracing import ExampleInputs
+
+    return ExampleInputs.from_user(inputs).batch_size
+
+
+def _raft_sequence_loss(flows: Any, target: Any, gamma: float = 0.8) -> Any:
+    """RAFT's loss (torchvision's references/optical_flow): L1 per refinement, later ones weigh
+    more."""
+    count = len(flows)
+    return sum(gamma ** (count - 1 - i) * (flow - target).abs().mean()
+               for i, flow in enumerate(flows))
+
+
+def _yolo_batch(model: Any, images: Any) -> dict[str, Any]:
+    """An ultralytics training batch for ``images``: two objects on image 0, one on image 1,
+    with the masks (segment) or keypoints (pose) their task's loss reads."""
+    import torch
+    from ultralytics.nn import tasks
+
+    batch_size, _, height, width = images.shape
+    if isinstance(model, tasks.ClassificationModel):
+        return {"img": images, "cls": torch.arange(batch_size) % 3}
+    boxes = torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.7, 0.6, 0.3, 0.5], [0.5, 0.5, 0.6, 0.6]])
+    batch: dict[str, Any] = {
+        "img": images,
+        "batch_idx": torch.tensor([0.0, 0.0, 1.0]),
+        "cls": torch.tensor([[0.0], [2.0], [1.0]]),
+        "bboxes": boxes,  # normalised xywh
+    }
+    if isinstance(model, tasks.SegmentationModel):
+        # overlapping-mask format (ultralytics' default): per image, pixel value i + 1 marks
+        # its i-th object, at a quarter of the image resolution
+        masks = torch.zeros(batch_size, height // 4, width // 4)
+        per_image: dict[int, int] = defaultdict(int)
+        for index, (cx, cy, w, h) in zip(batch["batch_idx"].long().tolist(), boxes.tolist(),
+                                         strict=True):
+            per_image[index] += 1
+            mh, mw = masks.shape[1:]
+            masks[index, int((cy - h / 2) * mh):int((cy + h / 2) * mh),
+                  int((cx - w / 2) * mw):int((cx + w / 2) * mw)] = per_image[index]
+        batch["masks"] = masks
+    if isinstance(model, tasks.PoseModel):
+        points, dims = model.model[-1].kpt_shape
+        keypoints = torch.rand(len(boxes), points, dims) * 0.2 + 0.4
+        if dims == 3:
+            keypoints[..., 2] = 1.0  # visible
+        batch["keypoints"] = keypoints
+    return batch
 
 
 # --------------------------------------------------------------------------- the pipeline (child)
@@ -401,10 +600,11 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
                       pairs=len(plan.active_pairs), dia_parameters=plan.dia_parameters)
 
         stage = "train"
+        loss_of = task_loss(model_id, model, inputs)
         net.train()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
         out = _call(net, inputs)
-        task = sum(t.float().pow(2).mean() for t in _float_leaves(out))
+        task = loss_of(out)
         ssia = fxattn.ssia_loss(net)
         loss = task + ssia
         if not torch.isfinite(loss):
