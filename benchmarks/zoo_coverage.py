@@ -15,7 +15,15 @@ crash, a hang or a memory blow-up costs that model only.
 
 Model lists: every torchvision classification model, the torchvision segmentation models, one
 representative (the smallest variant) of every timm architecture module, a set of Hugging Face
-``transformers`` models built from their default configs, and a diffusers ``UNet2DModel``.
+``transformers`` models built from their default configs, tiny diffusers denoisers (an
+unconditional and a text-conditioned UNet, a class-conditioned DiT), and beyond classifiers:
+every torchvision video, optical-flow and quantizable model (the latter in float mode), and
+ultralytics YOLOv8 / YOLO11 in their detect, segment, pose and classify tasks from the yaml.
+
+The training step uses each family's own loss where it has one (:func:`task_loss`): cross-
+entropy for video and quantizable classifiers, RAFT's sequence loss, ultralytics'
+``model.loss(batch)`` on generated boxes, masks and keypoints, noise-prediction MSE for the
+denoisers; the older families train on the mean square of their outputs.
 
 Results go to ``benchmarks/results/zoo.json`` (one record per model, written after every model,
 so an interrupted run resumes where it stopped) and ``zoo.md`` (summary + failures tables).
@@ -188,7 +196,9 @@ def torchvision_module_models(family: str, module: str) -> list[str]:
 
 # Ultralytics YOLOv8 and YOLO11 in their four tasks, built from the yaml (scale n, no weights).
 ULTRALYTICS_CONFIGS = tuple(
-    f"{base}{task}.yaml" for base in ("yolov8n", "yolo11n") for task in ("", "-seg", "-pose", "-cls")
+    f"{base}{task}.yaml"
+    for base in ("yolov8n", "yolo11n")
+    for task in ("", "-seg", "-pose", "-cls")
 )
 # An unconditional UNet, a text-conditioned UNet (cross-attention on encoder_hidden_states) and
 # a class-conditioned diffusion transformer, each in a tiny config.
@@ -828,6 +838,7 @@ def write_markdown(
                  "variants, below `large` size, never used to tune fxattn; "
                  f"{sum(r['status'] == 'ok' for r in heldout)} pass the whole pipeline.", ""]
     text += ["## Failures", "", *(failures if len(failures) > 2 else ["None."]), ""]
+    text += _per_model_table(results, BEYOND_CLASSIFIERS)
     exporters = Counter(r.get("exporter") for r in results.values() if r["status"] == "ok")
     special = ["| model | exporter | note |", "|---|---|---|"]
     for record in sorted(results.values(), key=lambda r: r["id"]):
@@ -849,6 +860,30 @@ def write_markdown(
         "",
     ]
     path.write_text("\n".join(text))
+
+
+# Families whose rows zoo.md lists one by one: what SSIA found matters as much as the status.
+BEYOND_CLASSIFIERS = ("torchvision.video", "torchvision.optical_flow", "torchvision.quantization",
+                      "ultralytics", "diffusers")
+
+
+def _per_model_table(results: dict[str, dict[str, Any]], families: tuple[str, ...]) -> list[str]:
+    """Markdown lines: one row per model of ``families`` with its input, sites and SSIA pairs."""
+    records = sorted((r for r in results.values() if r["family"] in families),
+                     key=lambda r: (families.index(r["family"]), r["id"]))
+    if not records:
+        return []
+    rows = ["## Beyond classifiers, per model", "",
+            "Trained with the family's own loss (see the script's docstring). `taps`: stage "
+            "outputs SSIA reads; `pairs`: the (higher supervises lower) pairs it trains.", "",
+            "| model | input | tracer | DIA sites | taps | pairs | exporter | result |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        result = "ok" if r["status"] == "ok" else f"fails at {r['stage']}"
+        rows.append(f"| {r['id']} | {r.get('input', '-')} | {r.get('tracer', '-')} | "
+                    f"{r.get('sites', '-')} | {r.get('taps', '-')} | {r.get('pairs', '-')} | "
+                    f"{r.get('exporter', '-')} | {result} |")
+    return [*rows, ""]
 
 
 def main(argv: list[str] | None = None) -> int:
