@@ -105,7 +105,7 @@ def test_beyond_classifiers_whole_pipeline(
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b)
 
-    # 1e-4 absolute at unit scale, relative beyond (YOLO's decoded boxes are in pixels)
-    atol = 1e-4 * max(1.0, max(float(t.abs().max()) for t in got))
-    report = export_onnx(lean, tmp_path / "model.onnx", inputs, batch_sizes=(2, 3), atol=atol)
-    assert report.verified and report.max_abs_error <= atol, model_id
+    # the default elementwise rule |ort - torch| <= atol + rtol * |torch| (YOLO's decoded
+    # boxes are in pixels, its scores in [0, 1])
+    report = export_onnx(lean, tmp_path / "model.onnx", inputs, batch_sizes=(2, 3))
+    assert report.verified, model_id
