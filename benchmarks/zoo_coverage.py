@@ -33,6 +33,7 @@ Usage::
     python benchmarks/zoo_coverage.py                    # everything, resumable, 1 job
     python benchmarks/zoo_coverage.py --family timm --jobs 2
     python benchmarks/zoo_coverage.py --only 'resnet|vit' --retry-failed
+    python benchmarks/zoo_coverage.py --family ultralytics --rerun  # after an fxattn change
     python benchmarks/zoo_coverage.py --report           # rewrite zoo.md from zoo.json only
     python benchmarks/zoo_coverage.py --child timm:resnet18  # one model, JSON on stdout
 """
@@ -973,6 +974,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per model")
     parser.add_argument("--fresh", action="store_true", help="ignore existing results")
     parser.add_argument("--retry-failed", action="store_true", help="rerun failed models")
+    parser.add_argument("--rerun", action="store_true",
+                        help="rerun the selected models (--family/--only), passed ones too")
     parser.add_argument("--report", action="store_true", help="only rewrite zoo.md")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", action="append", default=[],
@@ -998,7 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = [m for m in planned if m.split(":", 1)[0] in families]
     if args.only:
         selected = [m for m in selected if re.search(args.only, m)]
-    todo = [m for m in selected if m not in results
+    todo = [m for m in selected if m not in results or args.rerun
             or (args.retry_failed and results[m]["status"] != "ok")]
     if args.report:
         todo = []
