@@ -736,6 +736,14 @@ def _token_grid(count: int, max_prefix: int = 8) -> tuple[tuple[int, int] | None
 
 
 def _make_tap(node: fx.Node, index: int, dims: dict[fx.Node, int | None], key: str) -> Tap:
+    """A tap and the grid its attention map lives on.
+
+    Every channel-first or channels-last feature map has a grid: its non-batch, non-channel
+    dims - ``(L,)`` for ``(B, C, L)``, ``(H, W)`` for images, ``(T, H, W)`` for video - and
+    SSIA resizes along it (linear, bilinear, trilinear). Tokens ``(B, N, C)`` have one only
+    when ``N`` (less a few class / register tokens) is a square: a token sequence of another
+    length has no spatial order that a resize could respect.
+    """
     shape = tensor_shape(node) or ()
     channel_dim = dims[node] or 1
     spatial = tuple(s for d, s in enumerate(shape) if d not in (0, channel_dim))
@@ -744,7 +752,7 @@ def _make_tap(node: fx.Node, index: int, dims: dict[fx.Node, int | None], key: s
     skip = 0
     if layout == "NLC":
         grid, skip = _token_grid(spatial[0])
-    elif len(spatial) == 2:
+    elif 1 <= len(spatial) <= 3:
         grid = spatial
     else:
         grid = None
@@ -773,13 +781,19 @@ def find_taps(
             grid, _ = _token_grid(spatial[0])
             spatial = grid or spatial
         candidates.append((node, spatial))
+    # A resolution is a number of positions: flattening a (T, H, W) grid to L = T*H*W
+    # positions before a head does not start a new stage. Each run's stage output is its last
+    # feature on the richest grid (the clip, not its flattened view).
     runs: list[list[fx.Node]] = []
+    ranks: dict[fx.Node, int] = {}
     previous = None
     for node, spatial in candidates:
-        if spatial != previous:
+        positions = math.prod(spatial)
+        if positions != previous:
             runs.append([])
-            previous = spatial
+            previous = positions
         runs[-1].append(node)
+        ranks[node] = len(spatial)
     notes: list[str] = []
     layouts = [layout_name(dims[run[-1]] or 1, len(tensor_shape(run[-1]) or ())) for run in runs]
     # One resolution throughout (a ViT's tokens, a ConvMixer's isotropic feature map): the
@@ -795,7 +809,7 @@ def find_taps(
             f"constant token resolution: {count} taps evenly spaced over {len(pool)} blocks"
         )
     else:
-        chosen = [run[-1] for run in runs]
+        chosen = [_richest_last(run, ranks) for run in runs]
     if len(chosen) < 2:
         # No two stage outputs on a single main path: parallel streams that meet only at the
         # head (CrossViT's two patch sizes), or a graph whose blocks all sit inside one
@@ -817,6 +831,11 @@ def find_taps(
             ]
     taps = [_make_tap(node, i, dims, keys[node]) for i, node in enumerate(chosen)]
     return taps, notes
+
+
+def _richest_last(run: list[fx.Node], ranks: dict[fx.Node, int]) -> fx.Node:
+    richest = max(ranks[node] for node in run)
+    return next(node for node in reversed(run) if ranks[node] == richest)
 
 
 def _batch_size(graph: fx.Graph) -> int | None:
@@ -866,24 +885,30 @@ def pair_taps(taps: list[Tap], ssia: SSIA) -> list[Pair]:
     return pairs
 
 
+def _positions(tap: Tap) -> int:
+    return math.prod(s for d, s in enumerate(tap.shape) if d not in (0, tap.channel_dim))
+
+
 def _pair(low: Tap, high: Tap, ssia: SSIA) -> Pair:
     if ssia.map == "channel":
         return Pair(low.index, high.index, resize=False)
     if low.grid is not None and high.grid is not None and len(low.grid) == len(high.grid):
         return Pair(low.index, high.index, resize=low.grid != high.grid)
-    low_positions = math.prod(s for d, s in enumerate(low.shape) if d not in (0, low.channel_dim))
-    high_positions = math.prod(
-        s for d, s in enumerate(high.shape) if d not in (0, high.channel_dim)
-    )
+    low_positions, high_positions = _positions(low), _positions(high)
     if low_positions == high_positions and low.skip_tokens == high.skip_tokens:
         return Pair(low.index, high.index, resize=False)
     return Pair(
         low.index,
         high.index,
         resize=False,
-        skipped=f"{low.node} has {low_positions} positions, {high.node} {high_positions}, "
-        "and neither is a square grid",
+        skipped=f"{low.node} ({low.layout}, map grid {_grid_text(low)}) and {high.node} "
+        f"({high.layout}, map grid {_grid_text(high)}) have {low_positions} and "
+        f"{high_positions} positions and no common grid to resize along",
     )
+
+
+def _grid_text(tap: Tap) -> str:
+    return "x".join(map(str, tap.grid)) if tap.grid else "none"
 
 
 # --------------------------------------------------------------------------- the analysis pass
