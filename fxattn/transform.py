@@ -27,6 +27,7 @@ from .errors import (
 )
 from .graph_module import DIA_ROOT, SSIA_ROOT, AttentionGraphModule, TransformInfo, unwrap
 from .modules.dia import DIALSTMCell, SharedSE, build_dia_module
+from .modules.attach import SSIAAttach
 from .modules.ssia import PairSpec, SSIALoss, TapSpec
 from .passes import insert_dia, insert_ssia, strip_pass
 from .tracing import (
@@ -197,9 +198,11 @@ def transform(
         ]
         ssia_module = SSIALoss(taps, pairs, weight=ssia_cfg.weight, p=ssia_cfg.p,
                                map=ssia_cfg.map)
+        if ssia_cfg.attach:
+            ssia_module.add_module("attach", SSIAAttach())
         device, dtype = _placement(root, prepared.inputs)
         root.add_module(SSIA_ROOT, ssia_module.to(device=device, dtype=dtype))
-        train_graph, _ = insert_ssia(train_graph, plan.taps, replaced)
+        train_graph, _ = insert_ssia(train_graph, plan.taps, replaced, attach=ssia_cfg.attach)
     info = TransformInfo(
         plan=plan,
         dia=dia_cfg.to_dict() if dia_cfg else None,
@@ -239,6 +242,10 @@ def ssia_loss(net: nn.Module) -> torch.Tensor:
     Works through DDP, DataParallel and ``torch.compile`` wrappers. For a module transformed
     with ``ssia=False`` it is a zero scalar (so one training loop serves every arm).
 
+    With ``SSIA(attach=True)`` the term already rides on the output's gradient, so the value
+    returned is *detached*: log it freely; adding it to a loss changes the logged number but
+    never the gradient (no double counting).
+
     Raises:
         SSIALossUnavailableError: no training forward since the module was made or switched
             to eval mode (eval forwards run no SSIA branch).
@@ -253,7 +260,31 @@ def ssia_loss(net: nn.Module) -> torch.Tensor:
             "no SSIA loss yet: call net.train() and run a forward pass first (eval-mode "
             "forwards run no SSIA branch, and switching to eval clears the last loss)"
         )
+    if isinstance(getattr(ssia, "attach", None), SSIAAttach):
+        return ssia.latest.detach()  # its gradient already flows through the output
     return ssia.latest
+
+
+def set_ssia_scale(net: nn.Module, scale: float) -> None:
+    """The gradient an attached SSIA term gets when the output holds no scalar loss.
+
+    With ``SSIA(attach=True)`` and a loss computed outside the model (from logits), the SSIA
+    scalar's gradient is ``scale`` (default ``1.0``: the gradient of ``task + ssia``). A loop
+    that divides the loss by ``N`` accumulation steps and multiplies it by a GradScaler's
+    scale ``S`` matches ``(task + ssia) * S / N`` with ``set_ssia_scale(net, S / N)``. Not
+    needed when the model returns its own 0-dim loss: that leaf's gradient is used as is.
+
+    Raises:
+        NotTransformedError: ``net`` was not transformed with ``SSIA(attach=True)``.
+    """
+    module = _fxattn_module(net, "set_ssia_scale")
+    attach = getattr(getattr(module, SSIA_ROOT, None), "attach", None)
+    if not isinstance(attach, SSIAAttach):
+        raise NotTransformedError(
+            "set_ssia_scale needs a module transformed with ssia=fxattn.SSIA(attach=True); "
+            f"{type(module).__name__} has no attached SSIA term"
+        )
+    attach.state.scale = float(scale)
 
 
 def strip_ssia(net: nn.Module) -> fx.GraphModule:
