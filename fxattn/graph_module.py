@@ -4,12 +4,32 @@ Like torchvision's ``DualGraphModule``: ``train()`` runs the training graph (wit
 branches), ``eval()`` the evaluation graph (without). Parameters and buffers are shared by both
 graphs, and ``state_dict`` keys are the original model's plus ``fxattn_dia.*`` (and, for the
 ``channel`` SSIA map, ``fxattn_ssia.*``).
+
+It keeps the original model's interface, because training frameworks call it (ultralytics'
+trainers call ``set_head_attr`` and ``loss`` and read ``stride``; Hugging Face reads ``config``
+and calls ``save_pretrained``):
+
+- its class derives from the original class too (:func:`interface_class`), so methods and
+  class attributes resolve as on the original, bound to the transformed module: a method that
+  calls ``self.forward`` / ``self(...)`` runs the transformed graph;
+- the submodule containers the graphs reach are the original ones (``net.model[-1]`` is the
+  detection head), and the original's plain instance attributes (``config``, ``stride``,
+  ``names``) are carried over;
+- a call whose positional input is a container where the graph was traced with a tensor (an
+  ultralytics trainer's ``net(batch_dict)``) runs the original ``forward`` on the transformed
+  module, whose dispatch (``self.loss(batch)``) calls the graph back with the tensor.
+
+It deep-copies (EMA, ``copy.deepcopy``) and pickles (``torch.save(net)``, checkpoints that hold
+the module): both graphs travel with it. Unpickling needs the original model's class to be
+importable, like any pickled module.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -35,12 +55,23 @@ class TransformInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Instance attributes of GraphModule / AttentionGraphModule: never carried over from a root.
+_OWN_ATTRIBUTES = frozenset(nn.Module().__dict__) | {
+    "_graph", "_code", "_lineno_map", "_prologue_start", "_tracer_cls", "_tracer_extras",
+    "meta", "train_graph", "eval_graph", "fxattn_info", "forward", "_in_spec", "_out_spec",
+    "_erase_node_hooks", "_replace_hooks", "_create_node_hooks", "_deepcopy_hooks",
+    "_fxattn_tensor_inputs", "_fxattn_in_base_forward",
+}
+
+
 def _copy_attr(source: nn.Module, destination: nn.Module, target: str) -> None:
     *prefix, field_name = target.split(".")
     for item in prefix:
         child = getattr(source, item)
         if not hasattr(destination, item):
-            destination.add_module(item, nn.Module())
+            # The original container itself (a Sequential stays indexable, a head keeps its
+            # attributes), so the original's methods find what they expect.
+            destination.add_module(item, child)
         destination = getattr(destination, item)
         source = child
     value = getattr(source, field_name)
@@ -72,7 +103,7 @@ class AttentionGraphModule(fx.GraphModule):
         info: TransformInfo,
         class_name: str = "AttentionGraphModule",
     ) -> None:
-        super(fx.GraphModule, self).__init__()
+        nn.Module.__init__(self)  # not super(): the MRO may continue into the original class
         self.__class__.__name__ = class_name
         self.train_graph = train_graph
         self.eval_graph = eval_graph
@@ -86,6 +117,25 @@ class AttentionGraphModule(fx.GraphModule):
         tracer_cls = train_graph._tracer_cls
         if tracer_cls is not None and "<locals>" not in tracer_cls.__qualname__:
             self._tracer_cls = tracer_cls
+        for name, value in vars(root).items():  # config, stride, names, args, ...
+            if name not in _OWN_ATTRIBUTES and name not in self.__dict__:
+                self.__dict__[name] = value
+
+    def forward_base(self, *args: Any, **kwargs: Any) -> Any:
+        """The original class's ``forward`` run on this module (its dispatch, our graph)."""
+        base = getattr(type(self), "_fxattn_base", None)
+        if base is None:
+            raise TypeError("this fxattn module does not derive from its original class")
+        if self.__dict__.get("_fxattn_in_base_forward"):
+            raise TypeError(
+                f"{base.__name__}.forward called itself with inputs of a structure the "
+                "transformed graph was not traced with; call it with the traced structure"
+            )
+        self.__dict__["_fxattn_in_base_forward"] = True
+        try:
+            return base.forward(self, *args, **kwargs)
+        finally:
+            self.__dict__["_fxattn_in_base_forward"] = False
 
     def train(self, mode: bool = True) -> AttentionGraphModule:
         if mode != self.training or self.graph is not (
@@ -109,7 +159,13 @@ class AttentionGraphModule(fx.GraphModule):
                 if "_wrapped_call" in vars(base):
                     cls._wrapped_call = vars(base)["_wrapped_call"]
                     break
-        return super().recompile()
+        code = super().recompile()
+        if getattr(cls, "_fxattn_base", None) is not None:
+            placeholders = self.graph.find_nodes(op="placeholder")
+            if any("tensor_meta" in node.meta for node in placeholders):  # not after unpickling
+                self._fxattn_tensor_inputs = tuple("tensor_meta" in n.meta for n in placeholders)
+            cls.forward = _dispatching(cls.forward)
+        return code
 
     def _deepcopy_init(self) -> Callable[..., None]:
         def init(res: AttentionGraphModule, fake_mod: nn.Module, _graph: fx.Graph) -> None:
@@ -127,14 +183,93 @@ class AttentionGraphModule(fx.GraphModule):
         return init
 
     def __reduce__(self) -> Any:
-        raise TypeError(
-            "an fxattn module is not pickled; save it with fxattn.save(net, path) "
-            "(options + state_dict, loads without unpickling code)"
-        )
+        """Pickle both graphs with the module state (``torch.save(net)``, trainer checkpoints).
+
+        fxattn's own format, :func:`fxattn.save`, stays the safe one: it loads with
+        ``weights_only=True`` and needs no code unpickled.
+        """
+        body = {k: v for k, v in self.__dict__.items() if k not in _PICKLE_SKIP}
+        graphs = (copy.deepcopy(self.train_graph), copy.deepcopy(self.eval_graph))
+        for graph in graphs:
+            graph._tracer_cls = None  # may be a class local to fxattn's tracer
+            for node in graph.nodes:  # shape metadata does not pickle; the pass marks do
+                node.meta = {k: v for k, v in node.meta.items() if k in _PICKLED_META}
+        base = getattr(type(self), "_fxattn_base", None)
+        return (_unpickle, (base, type(self).__name__, body, graphs, self.fxattn_info))
 
     @property
     def plan(self) -> Plan:
         return self.fxattn_info.plan
+
+
+_PICKLED_META = ("fxattn",)  # the pass marks (FXATTN_META) that strip_ssia reads
+_PICKLE_SKIP = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start", "_tracer_cls",
+                          "train_graph", "eval_graph", "fxattn_info"})
+
+
+def _unpickle(
+    base: type[nn.Module] | None,
+    class_name: str,
+    body: dict[str, Any],
+    graphs: tuple[fx.Graph, fx.Graph],
+    info: TransformInfo,
+) -> AttentionGraphModule:
+    cls = interface_class(base)
+    net = cls.__new__(cls)
+    if "_fxattn_tensor_inputs" in body:
+        net.__dict__["_fxattn_tensor_inputs"] = body["_fxattn_tensor_inputs"]
+    AttentionGraphModule.__init__(net, _Body(body), graphs[0], graphs[1], info, class_name)
+    for name in ("_forward_hooks", "_forward_pre_hooks", "_state_dict_hooks",
+                 "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
+        if name in body:
+            net.__dict__[name] = body[name]
+    net.train(body.get("training", True))
+    return net
+
+
+class _Body(nn.Module):
+    """A module whose ``__dict__`` is a saved one (what fx's ``_CodeOnlyModule`` does)."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__()
+        self.__dict__ = body
+
+
+@functools.cache
+def interface_class(base: type[nn.Module] | None) -> type[AttentionGraphModule]:
+    """``AttentionGraphModule`` mixed with the model's own class ``base`` (see module doc).
+
+    Falls back to plain ``AttentionGraphModule`` where ``base`` adds nothing (``nn.Module``,
+    a GraphModule) or cannot be mixed in (a C-level layout or metaclass conflict).
+    """
+    if base is None or base is nn.Module or issubclass(base, fx.GraphModule):
+        return AttentionGraphModule
+    try:
+        cls = type(f"FxAttn{base.__name__}", (AttentionGraphModule, base),
+                   {"__module__": __name__, "_fxattn_base": base})
+    except TypeError:
+        return AttentionGraphModule
+    return cls
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, (Mapping, list, tuple)) or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type)
+    )
+
+
+def _dispatching(graph_forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The graph's ``forward``, or the original's where a tensor input arrives as a container."""
+
+    @functools.wraps(graph_forward)
+    def forward(self: AttentionGraphModule, *args: Any, **kwargs: Any) -> Any:
+        expects = self.__dict__.get("_fxattn_tensor_inputs", ())
+        if any(i < len(expects) and expects[i] and _is_container(arg)
+               for i, arg in enumerate(args)):
+            return self.forward_base(*args, **kwargs)
+        return graph_forward(self, *args, **kwargs)
+
+    return forward
 
 
 def is_fxattn_module(module: nn.Module) -> bool:

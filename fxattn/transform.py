@@ -25,7 +25,14 @@ from .errors import (
     NotTransformedError,
     SSIALossUnavailableError,
 )
-from .graph_module import DIA_ROOT, SSIA_ROOT, AttentionGraphModule, TransformInfo, unwrap
+from .graph_module import (
+    DIA_ROOT,
+    SSIA_ROOT,
+    AttentionGraphModule,
+    TransformInfo,
+    interface_class,
+    unwrap,
+)
 from .modules.dia import DIALSTMCell, SharedSE, build_dia_module
 from .modules.attach import SSIAAttach
 from .modules.ssia import PairSpec, SSIALoss, TapSpec
@@ -209,7 +216,8 @@ def transform(
         ssia=ssia_cfg.to_dict() if ssia_cfg else None,
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
     )
-    net = AttentionGraphModule(root, train_graph, eval_graph, info,
+    cls = interface_class(type(model))  # keeps the original's methods and attributes
+    net = cls(root, train_graph, eval_graph, info,
                                class_name=f"FxAttn{type(model).__name__}")
     net.train(model.training)
     return net
