@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
@@ -37,6 +38,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+
+from torch.fx.graph_module import (  # fx's own pickling machinery, reused for two graphs
+    _deserialize_graph_module,
+    _format_import_block,
+    _forward_from_src,
+)
+from torch.package import sys_importer
 
 from .analysis import Plan
 
@@ -189,11 +197,7 @@ class AttentionGraphModule(fx.GraphModule):
         ``weights_only=True`` and needs no code unpickled.
         """
         body = {k: v for k, v in self.__dict__.items() if k not in _PICKLE_SKIP}
-        graphs = (copy.deepcopy(self.train_graph), copy.deepcopy(self.eval_graph))
-        for graph in graphs:
-            graph._tracer_cls = None  # may be a class local to fxattn's tracer
-            for node in graph.nodes:  # shape metadata does not pickle; the pass marks do
-                node.meta = {k: v for k, v in node.meta.items() if k in _PICKLED_META}
+        graphs = (_graph_source(self.train_graph), _graph_source(self.eval_graph))
         base = getattr(type(self), "_fxattn_base", None)
         return (_unpickle, (base, type(self).__name__, body, graphs, self.fxattn_info))
 
@@ -202,23 +206,56 @@ class AttentionGraphModule(fx.GraphModule):
         return self.fxattn_info.plan
 
 
-_PICKLED_META = ("fxattn",)  # the pass marks (FXATTN_META) that strip_ssia reads
+_MARK = "fxattn"  # the pass marks (passes.insert_dia.FXATTN_META) that strip_ssia reads
 _PICKLE_SKIP = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start", "_tracer_cls",
-                          "train_graph", "eval_graph", "fxattn_info"})
+                          "train_graph", "eval_graph", "fxattn_info", "_in_spec", "_out_spec"})
+
+
+# (python source with imports, node name -> mark, the pytree codegen of structured in/outputs)
+GraphSource = tuple[str, dict[str, str], fx.graph.CodeGen]
+
+
+def _graph_source(graph: fx.Graph) -> GraphSource:
+    """A graph as fx pickles one: its Python code (fx graphs themselves have no stable
+    serialisation, and ATen op targets do not pickle), plus the fxattn marks of its nodes.
+
+    The code is generated flat (plain ``CodeGen``); the pytree codegen that maps structured
+    inputs and outputs (a dict in, a ``ModelOutput`` out) travels beside it.
+    """
+    codegen = graph._codegen
+    graph._codegen = fx.graph.CodeGen()
+    try:
+        code = graph.python_code(root_module="self")
+    finally:
+        graph._codegen = codegen
+    source = _format_import_block(code.globals, sys_importer) + code.src
+    return source, {n.name: n.meta[_MARK] for n in graph.nodes if _MARK in n.meta}, codegen
+
+
+def _graph_from_source(source: GraphSource, body: dict[str, Any]) -> fx.Graph:
+    code, marks, codegen = source
+    # constants the retrace lifts (_tensor_constant<i>) land in body, where the module finds them
+    graph = _deserialize_graph_module(_forward_from_src(code, {}), body).graph
+    graph._codegen = codegen
+    for node in graph.nodes:
+        if node.name in marks:
+            node.meta[_MARK] = marks[node.name]
+    return graph
 
 
 def _unpickle(
     base: type[nn.Module] | None,
     class_name: str,
     body: dict[str, Any],
-    graphs: tuple[fx.Graph, fx.Graph],
+    graphs: tuple[GraphSource, GraphSource],
     info: TransformInfo,
 ) -> AttentionGraphModule:
     cls = interface_class(base)
     net = cls.__new__(cls)
     if "_fxattn_tensor_inputs" in body:
         net.__dict__["_fxattn_tensor_inputs"] = body["_fxattn_tensor_inputs"]
-    AttentionGraphModule.__init__(net, _Body(body), graphs[0], graphs[1], info, class_name)
+    train_graph, eval_graph = (_graph_from_source(g, body) for g in graphs)
+    AttentionGraphModule.__init__(net, _Body(body), train_graph, eval_graph, info, class_name)
     for name in ("_forward_hooks", "_forward_pre_hooks", "_state_dict_hooks",
                  "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
         if name in body:
@@ -244,12 +281,24 @@ def interface_class(base: type[nn.Module] | None) -> type[AttentionGraphModule]:
     """
     if base is None or base is nn.Module or issubclass(base, fx.GraphModule):
         return AttentionGraphModule
+    namespace: dict[str, Any] = {"__module__": __name__, "_fxattn_base": base}
+    if callable(getattr(base, "fuse", None)):
+        namespace["fuse"] = _no_fuse
     try:
-        cls = type(f"FxAttn{base.__name__}", (AttentionGraphModule, base),
-                   {"__module__": __name__, "_fxattn_base": base})
+        cls = type(f"FxAttn{base.__name__}", (AttentionGraphModule, base), namespace)
     except TypeError:
         return AttentionGraphModule
     return cls
+
+
+def _no_fuse(self: AttentionGraphModule, *args: Any, **kwargs: Any) -> AttentionGraphModule:
+    """Stands in for the original's ``fuse()`` (ultralytics folds BatchNorm into Conv in place).
+
+    The graphs call the BatchNorm modules themselves, so folding them would break (or, worse,
+    double-apply) them. The module runs unfused; the lean model of ``fxattn.strip_ssia`` is
+    what to optimise for deployment (onnxruntime folds Conv+BN at load).
+    """
+    return self
 
 
 def _is_container(value: Any) -> bool:
@@ -258,8 +307,22 @@ def _is_container(value: Any) -> bool:
     )
 
 
+@functools.cache
+def _named_or_swallowed(base: type[nn.Module]) -> tuple[frozenset[str], bool]:
+    """The keywords ``base.forward`` names, and whether it takes ``**kwargs``."""
+    params = inspect.signature(base.forward).parameters
+    return frozenset(params), any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def _dispatching(graph_forward: Callable[..., Any]) -> Callable[..., Any]:
-    """The graph's ``forward``, or the original's where a tensor input arrives as a container."""
+    """The graph's ``forward``, or the original's where a tensor input arrives as a container.
+
+    Keywords that the original ``forward`` only passes on through ``**kwargs`` and that hold
+    ``None`` / ``False`` (ultralytics' validator calls ``model(img, augment=False)``) select
+    the default path the graph was traced with, so they are dropped rather than refused.
+    """
+
+    graph_params = frozenset(inspect.signature(graph_forward).parameters)
 
     @functools.wraps(graph_forward)
     def forward(self: AttentionGraphModule, *args: Any, **kwargs: Any) -> Any:
@@ -267,6 +330,10 @@ def _dispatching(graph_forward: Callable[..., Any]) -> Callable[..., Any]:
         if any(i < len(expects) and expects[i] and _is_container(arg)
                for i, arg in enumerate(args)):
             return self.forward_base(*args, **kwargs)
+        if kwargs and not kwargs.keys() <= graph_params:
+            named, swallowed = _named_or_swallowed(type(self)._fxattn_base)
+            kwargs = {k: v for k, v in kwargs.items() if k in graph_params or k in named
+                      or not swallowed or (v is not None and v is not False)}
         return graph_forward(self, *args, **kwargs)
 
     return forward

@@ -86,6 +86,7 @@ class _Prepared:
         check_model_inputs(model, self.inputs)
         self.root = copy.deepcopy(model)  # never trace, run or rewire the caller's model
         self.graphs = trace_dual(self.root, self.inputs, options)
+        _restore_traced_attributes(self.root, model)
         propagate_shapes(self.graphs.train, self.inputs)
         propagate_shapes(self.graphs.eval, self.inputs)
         name = type(model).__name__
@@ -104,6 +105,38 @@ class _Prepared:
                 f"({len(train_keys)} vs {len(eval_keys)}); restrict DIA with "
                 "DIA(include=...)/exclude to the blocks present in both modes"
             )
+
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+def _is_traced(value: Any) -> bool:
+    """A fake tensor or symbolic size that a tracer left behind."""
+    if isinstance(value, (tuple, list)):
+        return any(_is_traced(item) for item in value)
+    if isinstance(value, torch.SymInt | torch.SymFloat):
+        return True
+    return isinstance(value, torch.Tensor) and type(value) is not torch.Tensor and not isinstance(
+        value, nn.Parameter)
+
+
+def _restore_traced_attributes(root: nn.Module, model: nn.Module) -> None:
+    """Undo plain attributes that tracing replaced with fake values on ``root``'s modules.
+
+    ``torch.export`` runs the forward on fake tensors, and a forward that caches on ``self``
+    (ultralytics' ``Detect`` keeps ``anchors`` / ``strides`` / ``shape``) leaves them behind.
+    The transformed module keeps these modules, so they get the original's values back.
+    """
+    originals = dict(model.named_modules())
+    for name, module in root.named_modules():
+        original = originals.get(name)
+        for key, value in list(vars(module).items()):
+            if key in _MODULE_INTERNALS or not _is_traced(value):
+                continue
+            if original is not None and key in vars(original):
+                module.__dict__[key] = copy.deepcopy(vars(original)[key])
+            else:
+                del module.__dict__[key]
 
 
 def inspect(
