@@ -208,14 +208,15 @@ def dia_to_fp16(model: Any, prefix: str = DIA_PREFIX) -> Any:
     return model
 
 
-def fold_initial_state(model: Any) -> int:
+def fold_initial_state(model: Any, check: bool = True) -> int:
     """Fold DIA's zero initial state: the first site's hidden path becomes a constant.
 
     A tensor is *known zero* when it comes from ``Expand`` of a zero scalar or ``ConstantOfShape``
     with value 0 (how ``torch.zeros_like`` exports). Zeros propagate through ``Mul`` (anything
     times zero), ``Add`` (zero plus x is x), ``Relu``; a ``Gemm``/``MatMul`` of a zero or
     constant row with constant weights becomes a constant row ``(1, N)`` that broadcasts over
-    the batch in the ``Add`` that follows. Returns the number of nodes removed.
+    the batch in the ``Add`` that follows. Returns the number of nodes removed. ``check=False``
+    leaves ``onnx.checker`` to the caller (it serialises the whole model).
     """
     import onnx
     from onnx import numpy_helper
@@ -293,7 +294,8 @@ def fold_initial_state(model: Any) -> int:
     model.graph.node.extend(new_nodes)
     _remove_dead_nodes(model)
     _remove_unused_initializers(model)
-    onnx.checker.check_model(model)
+    if check:
+        onnx.checker.check_model(model)
     return removed
 
 
