@@ -578,35 +578,3 @@ def peak_step_memory(step: Callable[[], Any], steps: int = 3) -> dict[str, float
     peak = _status_kb("VmHWM")
     return {"rss_before_mb": before / 1024, "peak_mb": peak / 1024,
             "delta_mb": (peak - before) / 1024}
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def cli_bench(args: Any) -> int:
-    """``fxattn bench``: original vs lean, written to ``--out`` as JSON, Markdown and PNG."""
-    import shlex
-    import sys
-
-    from .cli import _methods, _model_and_input
-    from .errors import ConfigError as _ConfigError
-
-    try:
-        batches = [int(part) for part in str(args.batch).split(",") if part.strip()]
-    except ValueError:
-        raise _ConfigError(f"--batch {args.batch!r} is not a comma-separated list of integers, "
-                           "e.g. 1,8") from None
-    model, example, spec = _model_and_input(args)
-    dia, ssia = _methods(args)
-    modes = [m for m in str(getattr(args, "dia_weights", "") or "").split(",") if m]
-    engines = [e for e in str(getattr(args, "engines", "torch,onnxruntime")).split(",") if e]
-    result = benchmark(
-        model, example, dia=dia, ssia=ssia, batch_sizes=batches, threads=args.threads,
-        runs=args.runs, warmup=args.warmup, engines=engines, dia_weights=modes,
-        out_dir=args.out, progress=sys.stderr.isatty(),
-        title=f"{spec}: original vs lean (dia={bool(dia)}, ssia={bool(ssia)})",
-        command="fxattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
-    print(result.to_markdown())
-    print(f"wrote {Path(args.out) / 'bench.json'}, bench.md and bench.png")
-    return 0
