@@ -131,9 +131,12 @@ def _shapes(model: Any) -> dict[str, list[int | str]]:
     graph = model.graph
     infos = list(graph.value_info) + list(graph.input) + list(graph.output)
     if len(graph.value_info) < len(graph.node) // 2:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(
-            inferred.graph.output)
+        try:  # the TorchScript exporter writes few shapes; a model over 2 GB cannot be inferred
+            inferred = onnx.shape_inference.infer_shapes(model)
+            infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(
+                inferred.graph.output)
+        except (ValueError, onnx.shape_inference.InferenceError):
+            pass  # rewrites that need a missing shape then do not apply
     shapes: dict[str, list[int | str]] = {}
     for info in infos:
         tensor = info.type.tensor_type
@@ -319,7 +322,8 @@ def optimize_model(model: Any, options: OnnxOptimize | None = None) -> OptimizeR
     if options.blocked_scale:
         report.counts["blocked_scale"] = blocked_scale(model, shapes, consts)
     if options.fold_initial_state:
-        report.counts["fold_initial_state"] = fold_initial_state(model, check=False)
+        report.counts["fold_initial_state"] = fold_initial_state(model, check=False,
+                                                                  seeds=in_dia)
     return report
 
 
