@@ -238,7 +238,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = benchmark(
         model, example, dia=dia, ssia=ssia, batch_sizes=batches, threads=args.threads,
         runs=args.runs, warmup=args.warmup, engines=engines, dia_weights=modes,
-        out_dir=args.out, progress=sys.stderr.isatty(),
+        unoptimized=args.unoptimized, out_dir=args.out, progress=sys.stderr.isatty(),
         title=f"{spec}: original vs lean (dia={bool(dia)}, ssia={bool(ssia)})",
         command="fxattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dia-weights", default="",
                    help="also time lean ONNX models with DIA matrices stored as these "
                         "precisions, e.g. int4,int8,fp16 (onnxruntime only)")
+    p.add_argument("--unoptimized", action="store_true",
+                   help="also time the lean model exported without the exact DIA rewrites "
+                        "of fxattn.onnx_optimize (lean-noopt)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", parents=[debug], help="the whole pipeline on torchvision ResNet-18")

@@ -396,7 +396,7 @@ def export_onnx(
             notes.append(f"fell back to the {used} exporter ({failures[0]})")
         if rewrites is not None:  # exact DIA rewrites; lowp below composes with them
             rewritten = optimize_onnx_file(tmp, rewrites)
-            notes += [str(rewritten)] if rewritten.changed else []
+            notes += [str(rewritten)] if rewritten.changed or rewritten.error else []
         seconds = time.perf_counter() - start
         if dia_weights not in (None, "fp32"):
             from .lowp import apply_dia_weights, tolerance

@@ -89,12 +89,15 @@ class OptimizeReport:
     """How many places each rewrite changed (``fold_initial_state``: nodes removed)."""
 
     counts: dict[str, int] = field(default_factory=dict)
+    error: str = ""  # why the rewrites were skipped (the file is then left as exported)
 
     @property
     def changed(self) -> bool:
-        return any(self.counts.values())
+        return not self.error and any(self.counts.values())
 
     def __str__(self) -> str:
+        if self.error:
+            return f"exact DIA rewrites skipped ({self.error}); the graph is as exported"
         parts = [f"{name} {count}" for name, count in self.counts.items() if count]
         return "exact DIA rewrites for onnxruntime: " + (", ".join(parts) or "none applied")
 
@@ -328,18 +331,32 @@ def optimize_model(model: Any, options: OnnxOptimize | None = None) -> OptimizeR
 
 
 def optimize_onnx_file(path: str | Path, options: OnnxOptimize | None = None) -> OptimizeReport:
-    """Rewrite the ONNX file at ``path`` in place (untouched when nothing applies)."""
+    """Rewrite the ONNX file at ``path`` in place (untouched when nothing applies).
+
+    The rewrites are an optimisation: a graph they cannot handle (an unexpected pattern, a
+    result ``onnx.checker`` rejects) is left as exported and the report says why.
+    """
     import onnx
 
     from .onnx_export import external_data_path, save_with_external_data
 
     path = Path(path)
     model = onnx.load(str(path))
-    report = optimize_model(model, options)
+    try:
+        report = optimize_model(model, options)
+        if report.changed and _small(model):
+            onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - an optimisation never fails an export
+        text = str(exc).strip().splitlines()
+        return OptimizeReport(error=f"{type(exc).__name__}: {text[0] if text else ''}")
     if report.changed:
         if external_data_path(path).exists():
             save_with_external_data(model, path)
         else:
             onnx.save(model, str(path))
-        onnx.checker.check_model(str(path), full_check=True)
     return report
+
+
+def _small(model: Any) -> bool:
+    """Under protobuf's 2 GB limit (the in-memory checker serialises the model)."""
+    return model.ByteSize() < 2**31 - 2**20

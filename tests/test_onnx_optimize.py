@@ -22,7 +22,7 @@ from models import CifarResNet
 import fxattn
 from fxattn.errors import ConfigError
 from fxattn.onnx_export import export_onnx, ort_session
-from fxattn.onnx_optimize import OnnxOptimize, optimize_onnx_file, resolve_optimize
+from fxattn.onnx_optimize import OnnxOptimize, in_dia, optimize_onnx_file, resolve_optimize
 
 SITES = 6  # two blocks in each of three stages
 GROUPS = 3
@@ -178,3 +178,55 @@ def test_options_are_validated() -> None:
         OnnxOptimize(blocked_scale="yes")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="optimize must be"):
         resolve_optimize("all")  # type: ignore[arg-type]
+
+
+def test_the_fold_leaves_zeros_outside_dia_alone(tmp_path: Path) -> None:
+    """A model's own ``zeros + x`` broadcast (a (B, C, H, W) zero plus a (1, C, H, W) bias) is
+    not DIA's: folding it to ``x`` would drop the batch dimension, so it stays."""
+
+    class ZeroBias(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = CifarResNet(depth=11, num_classes=10)
+            self.bias = torch.nn.Parameter(torch.randn(1, 3, 32, 32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(torch.zeros_like(x) + self.bias + x)
+
+    torch.manual_seed(0)
+    model = ZeroBias().eval()
+    x = torch.randn(2, 3, 32, 32)
+    lean = fxattn.strip_ssia(fxattn.transform(model, x, ssia=False))
+    plain = tmp_path / "zero-bias.onnx"
+    export_onnx(lean, plain, x, optimize=False, verify=False)
+    path, counts = _rewritten(plain, tmp_path, ONLY["fold_initial_state"])
+    assert counts["fold_initial_state"] > 0  # DIA's own zero state still folds
+
+    def zeros(file: Path) -> list[tuple[str, bool]]:
+        return [(n.name, in_dia(n)) for n in onnx.load(str(file)).graph.node
+                if n.op_type in ("Expand", "ConstantOfShape")]
+
+    assert any(dia for _, dia in zeros(plain)) and not any(dia for _, dia in zeros(path))
+    model_zeros = [name for name, dia in zeros(plain) if not dia]
+    assert model_zeros and model_zeros == [name for name, _ in zeros(path)]
+    session = ort_session(str(path), threads=1)
+    xs = torch.randn(3, 3, 32, 32)
+    got = session.run(None, {session.get_inputs()[0].name: xs.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), lean(xs), atol=ATOL, rtol=RTOL)
+
+
+def test_a_rewrite_that_fails_leaves_the_file_as_exported(
+    plain_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fxattn.onnx_optimize as optimizer
+
+    def broken(*args: object) -> int:
+        raise ValueError("unexpected pattern")
+
+    monkeypatch.setattr(optimizer, "blocked_pool", broken)
+    path = tmp_path / "copy.onnx"
+    shutil.copy(plain_onnx, path)
+    report = optimize_onnx_file(path, OnnxOptimize())
+    assert not report.changed and "ValueError: unexpected pattern" in str(report)
+    assert path.read_bytes() == plain_onnx.read_bytes()
