@@ -30,6 +30,7 @@ from .errors import (
 )
 from .graph_module import AttentionGraphModule
 from .onnx_export import ExportReport, export_onnx
+from .onnx_optimize import OnnxOptimize
 from .serialization import Checkpoint, load, load_checkpoint, save
 from .tracing import TraceOptions
 from .transform import inspect, set_ssia_scale, ssia_loss, strip_ssia, transform
@@ -53,6 +54,7 @@ __all__ = [
     "InputError",
     "ModelSpecError",
     "NotTransformedError",
+    "OnnxOptimize",
     "Plan",
     "SSIALossUnavailableError",
     "TraceError",
