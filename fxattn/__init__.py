@@ -30,9 +30,10 @@ from .errors import (
 )
 from .graph_module import AttentionGraphModule
 from .onnx_export import ExportReport, export_onnx
+from .onnx_optimize import OnnxOptimize
 from .serialization import Checkpoint, load, load_checkpoint, save
 from .tracing import TraceOptions
-from .transform import inspect, ssia_loss, strip_ssia, transform
+from .transform import inspect, set_ssia_scale, ssia_loss, strip_ssia, transform
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "InputError",
     "ModelSpecError",
     "NotTransformedError",
+    "OnnxOptimize",
     "Plan",
     "SSIALossUnavailableError",
     "TraceError",
@@ -65,6 +67,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "save",
+    "set_ssia_scale",
     "ssia_loss",
     "strip_ssia",
     "transform",

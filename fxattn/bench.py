@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -170,6 +171,7 @@ class BenchmarkResult:
     models: dict[str, ModelEntry]
     latency: dict[str, dict[int, dict[str, LatencyStats]]]  # engine -> batch -> model -> stats
     command: str = ""
+    cost: dict[str, dict[int, Any]] = field(default_factory=dict)  # model -> batch -> account
 
     def ratio(self, engine: str, batch: int, model: str, baseline: str | None = None) -> float:
         """Ratio of medians ``model / baseline`` measured side by side."""
@@ -202,6 +204,8 @@ class BenchmarkResult:
             "settings": self.settings,
             "models": {name: entry.to_dict() for name, entry in self.models.items()},
             "latency": latency,
+            "cost": {name: {str(b): account.to_dict() for b, account in by_batch.items()}
+                     for name, by_batch in self.cost.items()},
         }
 
     def to_markdown(self) -> str:
@@ -256,7 +260,64 @@ class BenchmarkResult:
                                    / self.latency["onnxruntime"][batch][name].p50_ms)
                         parts.append(f"{name} {speedup:.2f}x")
                 lines.append(f"- batch {batch}: " + ", ".join(parts))
+        lines += self._cost_markdown()
         return "\n".join(lines) + "\n"
+
+    def _cost_markdown(self) -> list[str]:
+        if not self.cost:
+            return []
+        bandwidth = next(iter(next(iter(self.cost.values())).values())).bandwidth_gb_s
+        lines = [
+            "", f"DIA's cost account (onnxruntime; see `fxattn.cost`): memory bandwidth "
+            f"{bandwidth:.1f} GB/s (tensor copy, measured in this run); lower bound = (DIA "
+            "matrix bytes + extra activation bytes) / bandwidth; added = p50 - p50 of "
+            f"{self.baseline}.", "",
+            "| model | batch | DIA matrices MB/run | MB/image | extra activation MB/run | "
+            "extra ops in onnxruntime's graph | lower bound ms | added ms | multiple |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        ]
+        for name, by_batch in self.cost.items():
+            for batch, acc in by_batch.items():
+                ops = ", ".join(f"{op} {n:+d}" for op, n in acc.extra_ops.items()) or "-"
+                lines.append(
+                    f"| {name} | {batch} | {acc.dia_matrix_bytes / 1e6:.1f} | "
+                    f"{acc.dia_matrix_bytes / batch / 1e6:.1f} | "
+                    f"{acc.extra_activation_bytes / 1e6:.1f} | {ops} | "
+                    f"{acc.lower_bound_ms:.2f} | {_fmt(acc.added_ms, '.2f')} | "
+                    f"{_fmt(acc.multiple, '.2f')} |")
+        return lines
+
+    def plot_cost(self, path: str | os.PathLike[str]) -> None:
+        """Bars: DIA's added latency next to its memory-bandwidth lower bound, per batch."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        batches = sorted({b for by_batch in self.cost.values() for b in by_batch})
+        fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8),
+                                 squeeze=False)
+        for ax, batch in zip(axes[0], batches, strict=True):
+            names = [n for n, by_batch in self.cost.items() if batch in by_batch]
+            accounts = [self.cost[n][batch] for n in names]
+            xs = np.arange(len(names))
+            ax.bar(xs - 0.2, [a.lower_bound_ms for a in accounts], 0.4, label="lower bound")
+            ax.bar(xs + 0.2, [a.added_ms or 0.0 for a in accounts], 0.4, label="added (measured)")
+            for x, acc in zip(xs, accounts, strict=True):
+                if acc.multiple is not None:
+                    ax.annotate(f"{acc.multiple:.1f}x", (x + 0.2, acc.added_ms or 0.0),
+                                ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                                textcoords="offset points")
+            ax.set_xticks(xs)
+            ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+            ax.set_ylabel("ms per run", fontsize=8)
+            ax.set_title(f"batch {batch}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{self.title}: DIA's added latency vs its bandwidth lower bound",
+                     fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
 
     def plot(self, path: str | os.PathLike[str]) -> None:
         """Bar chart: p50 latency per model, one panel per engine and batch, ratio on top."""
@@ -298,6 +359,9 @@ class BenchmarkResult:
         paths["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         paths["md"].write_text(self.to_markdown())
         self.plot(paths["png"])
+        if self.cost:
+            paths["cost_png"] = folder / f"{stem}_cost.png"
+            self.plot_cost(paths["cost_png"])
         return paths
 
 
@@ -330,14 +394,14 @@ def _progress_bar(total: int, description: str, enabled: bool) -> Iterator[Calla
 
 
 def _export(name: str, module: nn.Module, path: Path, example: Any,
-            tolerance: Tolerance) -> ModelEntry:
+            tolerance: Tolerance, optimize: bool = True) -> ModelEntry:
     import onnx
 
     from .onnx_export import export_onnx
     from .tracing import count_parameters
 
     report = export_onnx(module, path, example, atol=tolerance.atol, rtol=tolerance.rtol,
-                         float64_check=tolerance.float64_check)
+                         float64_check=tolerance.float64_check, optimize=optimize)
     proto = onnx.load(str(path), load_external_data=False)
     return ModelEntry(
         name=name,
@@ -399,6 +463,8 @@ def benchmark(
     engines: Sequence[str] = ENGINES,
     extra: dict[str, nn.Module] | None = None,
     dia_weights: Sequence[str] = (),
+    unoptimized: bool = False,
+    cost: bool = True,
     out_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     title: str | None = None,
@@ -413,7 +479,10 @@ def benchmark(
     models (e.g. a hand-written reference) to the same interleaving, and each mode in
     ``dia_weights`` (``"fp16"``, ``"int8"``, ``"int4"``; ``"+fold"`` also folds the zero initial
     state, e.g. ``"fp32+fold"``, see :mod:`fxattn.lowp`) adds a lean onnxruntime model (its
-    ``export s`` column is then the rewrite time) verified at that mode's tolerance. ONNX files
+    ``export s`` column is then the rewrite time) verified at that mode's tolerance; the
+    low-precision modes run on top of the exact rewrites of :mod:`fxattn.onnx_optimize`, and
+    ``unoptimized`` adds ``lean-noopt``, the lean model exported without them. ``cost`` adds
+    DIA's cost account (:mod:`fxattn.cost`) for every ONNX model but ``original``. ONNX files
     go to ``out_dir`` (a temporary folder when ``None``). The result's baseline is ``original``.
     ``tolerance`` is the export verification rule (:class:`fxattn.verify.Tolerance`).
     """
@@ -457,6 +526,12 @@ def benchmark(
                     entry.transform_seconds = models[name].transform_seconds
                     models[name] = entry
                     sessions[name] = ort_session(str(folder / f"{name}.onnx"), threads=threads)
+                if unoptimized:
+                    models["lean-noopt"] = _export("lean-noopt", lean, folder / "lean-noopt.onnx",
+                                                   example_inputs, tolerance or Tolerance(),
+                                                   optimize=False)
+                    sessions["lean-noopt"] = ort_session(str(folder / "lean-noopt.onnx"),
+                                                         threads=threads)
                 for mode in dia_weights:
                     name = f"lean-{mode}"
                     models[name] = _lowp_variant(name, mode, lean, folder, inputs,
@@ -464,15 +539,34 @@ def benchmark(
                     sessions[name] = ort_session(str(folder / f"{name}.onnx"), threads=threads)
             latency = _measure(modules, sessions, inputs, engines, batch_sizes, runs, warmup,
                                progress)
+            accounts = _cost(sessions, folder, inputs, batch_sizes, threads, latency) if (
+                cost and sessions) else {}
     settings = {"batch_sizes": list(batch_sizes), "threads": threads, "runs": runs,
                 "warmup": warmup, "engines": list(engines), "dia_weights": list(dia_weights),
                 "input_shape": [list(t.shape) for t in inputs.tensors()],
                 "dia": repr(dia), "ssia": repr(ssia)}
+    settings["unoptimized"] = unoptimized
     result = BenchmarkResult(title or f"{type(model).__name__}: original vs lean", "original",
-                             machine, settings, models, latency, command)
+                             machine, settings, models, latency, command, accounts)
     if out_dir is not None:
         result.save(out_dir)
     return result
+
+
+def _cost(sessions: dict[str, Any], folder: Path, inputs: Any, batch_sizes: Sequence[int],
+          threads: int, latency: dict) -> dict[str, dict[int, Any]]:
+    """DIA's cost account of every ONNX model but ``original``, with its measured added time."""
+    from .cost import cost_accounts
+
+    feeds = {int(b): [t.detach().cpu().numpy() for t in inputs.with_batch(
+        int(b), torch.Generator().manual_seed(int(b))).tensors()] for b in batch_sizes}
+    paths = {name: folder / f"{name}.onnx" for name in sessions}
+    accounts = cost_accounts(paths, feeds, threads)
+    for name, by_batch in accounts.items():
+        for batch, account in by_batch.items():
+            stats = latency["onnxruntime"][batch]
+            account.added_ms = stats[name].p50_ms - stats["original"].p50_ms
+    return accounts
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
@@ -587,36 +681,3 @@ def peak_step_memory(step: Callable[[], Any], steps: int = 3) -> dict[str, float
     peak = _status_kb("VmHWM")
     return {"rss_before_mb": before / 1024, "peak_mb": peak / 1024,
             "delta_mb": (peak - before) / 1024}
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def cli_bench(args: Any) -> int:
-    """``fxattn bench``: original vs lean, written to ``--out`` as JSON, Markdown and PNG."""
-    import shlex
-    import sys
-
-    from .cli import _methods, _model_and_input
-    from .errors import ConfigError as _ConfigError
-
-    try:
-        batches = [int(part) for part in str(args.batch).split(",") if part.strip()]
-    except ValueError:
-        raise _ConfigError(f"--batch {args.batch!r} is not a comma-separated list of integers, "
-                           "e.g. 1,8") from None
-    model, example, spec = _model_and_input(args)
-    dia, ssia = _methods(args)
-    modes = [m for m in str(getattr(args, "dia_weights", "") or "").split(",") if m]
-    engines = [e for e in str(getattr(args, "engines", "torch,onnxruntime")).split(",") if e]
-    result = benchmark(
-        model, example, dia=dia, ssia=ssia, batch_sizes=batches, threads=args.threads,
-        runs=args.runs, warmup=args.warmup, engines=engines, dia_weights=modes,
-        out_dir=args.out, progress=sys.stderr.isatty(),
-        tolerance=Tolerance(args.atol, args.rtol, not args.no_float64_check),
-        title=f"{spec}: original vs lean (dia={bool(dia)}, ssia={bool(ssia)})",
-        command="fxattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
-    print(result.to_markdown())
-    print(f"wrote {Path(args.out) / 'bench.json'}, bench.md and bench.png")
-    return 0

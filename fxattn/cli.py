@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .config import DEFAULT_ATOL, DEFAULT_RTOL
-from .errors import FxAttnError, ModelSpecError
+from .errors import ConfigError, FxAttnError, ModelSpecError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -234,12 +235,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    """``fxattn bench``: original vs lean, written to ``--out`` as JSON, Markdown and PNG."""
+    from .bench import benchmark
+    from .config import Tolerance
 
-    runner: Callable[[argparse.Namespace], int] | None = getattr(bench, "cli_bench", None)
-    if runner is None:  # pragma: no cover - kept until the benchmark CLI lands
-        raise FxAttnError("fxattn bench is not available in this build")
-    return runner(args)
+    try:
+        batches = [int(part) for part in str(args.batch).split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch {args.batch!r} is not a comma-separated list of integers, "
+                          "e.g. 1,8") from None
+    model, example, spec = _model_and_input(args)
+    dia, ssia = _methods(args)
+    modes = [m for m in str(args.dia_weights or "").split(",") if m]
+    engines = [e for e in str(args.engines).split(",") if e]
+    result = benchmark(
+        model, example, dia=dia, ssia=ssia, batch_sizes=batches, threads=args.threads,
+        runs=args.runs, warmup=args.warmup, engines=engines, dia_weights=modes,
+        unoptimized=args.unoptimized, out_dir=args.out, progress=sys.stderr.isatty(),
+        tolerance=Tolerance(args.atol, args.rtol, not args.no_float64_check),
+        title=f"{spec}: original vs lean (dia={bool(dia)}, ssia={bool(ssia)})",
+        command="fxattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    print(result.to_markdown())
+    print(f"wrote {Path(args.out) / 'bench.json'}, bench.md and bench.png")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dia-weights", default="",
                    help="also time lean ONNX models with DIA matrices stored as these "
                         "precisions, e.g. int4,int8,fp16 (onnxruntime only)")
+    p.add_argument("--unoptimized", action="store_true",
+                   help="also time the lean model exported without the exact DIA rewrites "
+                        "of fxattn.onnx_optimize (lean-noopt)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", parents=[debug], help="the whole pipeline on torchvision ResNet-18")

@@ -87,6 +87,10 @@ class SSIA:
             through a training-only projection.
         pairs: ``"next"`` (each tap with the next deeper one, default) or ``"deepest"``.
         token_taps: how many evenly spaced taps a model of constant resolution (ViT) gets.
+        attach: ride the weighted SSIA term on the model's output through autograd instead of
+            asking for ``+ fxattn.ssia_loss(net)`` in the loss (for frameworks that compute the
+            loss themselves; see :mod:`fxattn.modules.attach`). ``fxattn.ssia_loss`` then
+            returns a detached value, for logging only.
     """
 
     weight: float = 1.0
@@ -94,9 +98,12 @@ class SSIA:
     map: MapKind = "spatial"
     pairs: PairMode = "next"
     token_taps: int = 4
+    attach: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("SSIA map", self.map, MAP_KINDS)
+        if not isinstance(self.attach, bool):
+            raise ConfigError(f"SSIA attach must be True or False, got {self.attach!r}")
         _check_choice("SSIA pairs", self.pairs, PAIR_MODES)
         for name in ("weight", "p"):
             value = getattr(self, name)

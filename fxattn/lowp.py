@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -212,14 +212,19 @@ def dia_to_fp16(model: Any, prefix: str = DIA_PREFIX) -> Any:
     return model
 
 
-def fold_initial_state(model: Any) -> int:
+def fold_initial_state(
+    model: Any, check: bool = True, seeds: Callable[[Any], bool] | None = None
+) -> int:
     """Fold DIA's zero initial state: the first site's hidden path becomes a constant.
 
     A tensor is *known zero* when it comes from ``Expand`` of a zero scalar or ``ConstantOfShape``
     with value 0 (how ``torch.zeros_like`` exports). Zeros propagate through ``Mul`` (anything
     times zero), ``Add`` (zero plus x is x), ``Relu``; a ``Gemm``/``MatMul`` of a zero or
     constant row with constant weights becomes a constant row ``(1, N)`` that broadcasts over
-    the batch in the ``Add`` that follows. Returns the number of nodes removed.
+    the batch in the ``Add`` that follows. Returns the number of nodes removed. ``check=False``
+    leaves ``onnx.checker`` to the caller (it serialises the whole model); ``seeds`` limits the
+    zeros folded to those made by nodes it accepts (``fxattn.onnx_optimize`` passes DIA's own,
+    so zeros elsewhere in a model, whose broadcasts the fold does not track, stay as they are).
     """
     import onnx
     from onnx import numpy_helper
@@ -245,9 +250,10 @@ def fold_initial_state(model: Any) -> int:
         ins = list(node.input)
         op = node.op_type
         out = node.output[0] if node.output else ""
-        if op == "Expand" and ins[0] in consts and not np.any(consts[ins[0]]):
+        seed = seeds is None or seeds(node)
+        if op == "Expand" and seed and ins[0] in consts and not np.any(consts[ins[0]]):
             zeros.add(out)
-        elif op == "ConstantOfShape" and not np.any(
+        elif op == "ConstantOfShape" and seed and not np.any(
             numpy_helper.to_array(_attr(node, "value", None)) if _attr(node, "value", None)
             is not None else 0.0
         ):
@@ -297,7 +303,8 @@ def fold_initial_state(model: Any) -> int:
     model.graph.node.extend(new_nodes)
     _remove_dead_nodes(model)
     _remove_unused_initializers(model)
-    onnx.checker.check_model(model)
+    if check:
+        onnx.checker.check_model(model)
     return removed
 
 

@@ -304,6 +304,7 @@ def export_onnx(
     overwrite: bool = True,
     seed: int = 0,
     dia_weights: str | None = None,
+    optimize: Any = True,
 ) -> ExportReport:
     """Export ``module`` to ``path`` as ONNX with a dynamic batch and verify it in onnxruntime.
 
@@ -328,6 +329,9 @@ def export_onnx(
         dia_weights: ``"fp16"``, ``"int8"`` or ``"int4"`` stores only DIA's matrices at lower
             precision (see :mod:`fxattn.lowp`); verification then uses that mode's looser
             tolerance (``fxattn.lowp.LOWP_ATOL`` / ``LOWP_RTOL``) where it exceeds yours.
+        optimize: the exact DIA rewrites of :mod:`fxattn.onnx_optimize` (``True``: all, the
+            default; ``False``: none; an :class:`fxattn.OnnxOptimize` picks them). A model
+            without DIA is never changed by them.
 
     Raises:
         ExportError: the path cannot be written or no exporter could export the module.
@@ -356,6 +360,9 @@ def export_onnx(
             f"opset={opset!r} is not an ONNX opset this onnx supports (7 to "
             f"{onnx.defs.onnx_opset_version()}); leave it None for the exporter's default"
         )
+    from .onnx_optimize import optimize_onnx_file, resolve_optimize
+
+    rewrites = resolve_optimize(optimize)
     target = check_output_path(path, overwrite)
     inputs = ExampleInputs.from_user(example_inputs)
     notes: list[str] = []
@@ -389,6 +396,9 @@ def export_onnx(
             raise ExportError(f"ONNX export failed ({'; '.join(failures)})")
         if failures:
             notes.append(f"fell back to the {used} exporter ({failures[0]})")
+        if rewrites is not None:  # exact DIA rewrites; lowp below composes with them
+            rewritten = optimize_onnx_file(tmp, rewrites)
+            notes += [str(rewritten)] if rewritten.changed or rewritten.error else []
         seconds = time.perf_counter() - start
         if dia_weights not in (None, "fp32"):
             notes.append(apply_dia_weights(tmp, dia_weights))

@@ -25,8 +25,16 @@ from .errors import (
     NotTransformedError,
     SSIALossUnavailableError,
 )
-from .graph_module import DIA_ROOT, SSIA_ROOT, AttentionGraphModule, TransformInfo, unwrap
+from .graph_module import (
+    DIA_ROOT,
+    SSIA_ROOT,
+    AttentionGraphModule,
+    TransformInfo,
+    interface_class,
+    unwrap,
+)
 from .modules.dia import DIALSTMCell, SharedSE, build_dia_module
+from .modules.attach import SSIAAttach
 from .modules.ssia import PairSpec, SSIALoss, TapSpec
 from .passes import insert_dia, insert_ssia, strip_pass
 from .tracing import (
@@ -78,6 +86,7 @@ class _Prepared:
         check_model_inputs(model, self.inputs)
         self.root = copy.deepcopy(model)  # never trace, run or rewire the caller's model
         self.graphs = trace_dual(self.root, self.inputs, options)
+        _restore_traced_attributes(self.root, model)
         propagate_shapes(self.graphs.train, self.inputs)
         propagate_shapes(self.graphs.eval, self.inputs)
         name = type(model).__name__
@@ -96,6 +105,38 @@ class _Prepared:
                 f"({len(train_keys)} vs {len(eval_keys)}); restrict DIA with "
                 "DIA(include=...)/exclude to the blocks present in both modes"
             )
+
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+def _is_traced(value: Any) -> bool:
+    """A fake tensor or symbolic size that a tracer left behind."""
+    if isinstance(value, (tuple, list)):
+        return any(_is_traced(item) for item in value)
+    if isinstance(value, torch.SymInt | torch.SymFloat):
+        return True
+    return isinstance(value, torch.Tensor) and type(value) is not torch.Tensor and not isinstance(
+        value, nn.Parameter)
+
+
+def _restore_traced_attributes(root: nn.Module, model: nn.Module) -> None:
+    """Undo plain attributes that tracing replaced with fake values on ``root``'s modules.
+
+    ``torch.export`` runs the forward on fake tensors, and a forward that caches on ``self``
+    (ultralytics' ``Detect`` keeps ``anchors`` / ``strides`` / ``shape``) leaves them behind.
+    The transformed module keeps these modules, so they get the original's values back.
+    """
+    originals = dict(model.named_modules())
+    for name, module in root.named_modules():
+        original = originals.get(name)
+        for key, value in list(vars(module).items()):
+            if key in _MODULE_INTERNALS or not _is_traced(value):
+                continue
+            if original is not None and key in vars(original):
+                module.__dict__[key] = copy.deepcopy(vars(original)[key])
+            else:
+                del module.__dict__[key]
 
 
 def inspect(
@@ -169,10 +210,7 @@ def transform(
             "use dia=False"
         )
     if ssia_cfg is not None and not plan.active_pairs:
-        raise AnalysisError(
-            f"SSIA needs two stage outputs to pair, found {len(plan.taps)} tap(s) in "
-            f"{type(model).__name__}; use ssia=False for this model"
-        )
+        raise AnalysisError(_no_ssia_pair_message(type(model).__name__, plan))
     root = prepared.root
     train_graph = prepared.graphs.train.graph
     eval_graph = prepared.graphs.eval.graph
@@ -197,19 +235,37 @@ def transform(
         ]
         ssia_module = SSIALoss(taps, pairs, weight=ssia_cfg.weight, p=ssia_cfg.p,
                                map=ssia_cfg.map)
+        if ssia_cfg.attach:
+            ssia_module.add_module("attach", SSIAAttach())
         device, dtype = _placement(root, prepared.inputs)
         root.add_module(SSIA_ROOT, ssia_module.to(device=device, dtype=dtype))
-        train_graph, _ = insert_ssia(train_graph, plan.taps, replaced)
+        train_graph, _ = insert_ssia(train_graph, plan.taps, replaced, attach=ssia_cfg.attach)
     info = TransformInfo(
         plan=plan,
         dia=dia_cfg.to_dict() if dia_cfg else None,
         ssia=ssia_cfg.to_dict() if ssia_cfg else None,
         model_class=f"{type(model).__module__}.{type(model).__qualname__}",
     )
-    net = AttentionGraphModule(root, train_graph, eval_graph, info,
+    cls = interface_class(type(model))  # keeps the original's methods and attributes
+    net = cls(root, train_graph, eval_graph, info,
                                class_name=f"FxAttn{type(model).__name__}")
     net.train(model.training)
     return net
+
+
+def _no_ssia_pair_message(name: str, plan: Plan) -> str:
+    """What the taps were and why none of them pairs: too few, or every pair skipped."""
+    if len(plan.taps) < 2:
+        found = ", ".join(f"{t.node} {t.layout} {tuple(t.shape)}" for t in plan.taps) or "none"
+        return (
+            f"SSIA needs at least two stage outputs (taps) to pair; {name} has "
+            f"{len(plan.taps)} on its main path ({found}); use ssia=False for this model"
+        )
+    reasons = "; ".join(f"{p.low}->{p.high}: {p.skipped}" for p in plan.pairs)
+    return (
+        f"SSIA found {len(plan.taps)} taps in {name} but no pair of them can be compared "
+        f"({reasons}); use ssia=False for this model"
+    )
 
 
 def _placement(root: nn.Module, inputs: ExampleInputs) -> tuple[torch.device, torch.dtype]:
@@ -239,6 +295,10 @@ def ssia_loss(net: nn.Module) -> torch.Tensor:
     Works through DDP, DataParallel and ``torch.compile`` wrappers. For a module transformed
     with ``ssia=False`` it is a zero scalar (so one training loop serves every arm).
 
+    With ``SSIA(attach=True)`` the term already rides on the output's gradient, so the value
+    returned is *detached*: log it freely; adding it to a loss changes the logged number but
+    never the gradient (no double counting).
+
     Raises:
         SSIALossUnavailableError: no training forward since the module was made or switched
             to eval mode (eval forwards run no SSIA branch).
@@ -253,7 +313,31 @@ def ssia_loss(net: nn.Module) -> torch.Tensor:
             "no SSIA loss yet: call net.train() and run a forward pass first (eval-mode "
             "forwards run no SSIA branch, and switching to eval clears the last loss)"
         )
+    if isinstance(getattr(ssia, "attach", None), SSIAAttach):
+        return ssia.latest.detach()  # its gradient already flows through the output
     return ssia.latest
+
+
+def set_ssia_scale(net: nn.Module, scale: float) -> None:
+    """The gradient an attached SSIA term gets when the output holds no scalar loss.
+
+    With ``SSIA(attach=True)`` and a loss computed outside the model (from logits), the SSIA
+    scalar's gradient is ``scale`` (default ``1.0``: the gradient of ``task + ssia``). A loop
+    that divides the loss by ``N`` accumulation steps and multiplies it by a GradScaler's
+    scale ``S`` matches ``(task + ssia) * S / N`` with ``set_ssia_scale(net, S / N)``. Not
+    needed when the model returns its own 0-dim loss: that leaf's gradient is used as is.
+
+    Raises:
+        NotTransformedError: ``net`` was not transformed with ``SSIA(attach=True)``.
+    """
+    module = _fxattn_module(net, "set_ssia_scale")
+    attach = getattr(getattr(module, SSIA_ROOT, None), "attach", None)
+    if not isinstance(attach, SSIAAttach):
+        raise NotTransformedError(
+            "set_ssia_scale needs a module transformed with ssia=fxattn.SSIA(attach=True); "
+            f"{type(module).__name__} has no attached SSIA term"
+        )
+    attach.state.scale = float(scale)
 
 
 def strip_ssia(net: nn.Module) -> fx.GraphModule:

@@ -165,3 +165,24 @@ def test_cli_bench_writes_json_markdown_and_png(tmp_path: Path,
     assert saved["settings"]["batch_sizes"] == [1, 2]
     assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.png").exists()
     assert "| onnxruntime | 1 | lean-int4 |" in capsys.readouterr().out
+
+
+def test_cost_account_counts_dia_matrix_bytes_and_extra_passes() -> None:
+    """One DIA site per group (64, 128, 256 channels): the folded lean model reads the input
+    path's two matrices per site (5 C^2 bytes in fp32), the unoptimised one the hidden path's
+    too; the exact rewrites leave fewer extra activation bytes in onnxruntime's graph."""
+    torch.manual_seed(0)
+    model = CifarResNet(depth=11, num_classes=10).eval()
+    result = fxattn.benchmark(model, torch.randn(2, 3, 32, 32), ssia=False, batch_sizes=(1, 2),
+                              threads=1, runs=2, warmup=1, engines=("onnxruntime",),
+                              unoptimized=True, dia_weights=("int8",), progress=False)
+    lean, noopt, int8 = (result.cost[name][2] for name in ("lean", "lean-noopt", "lean-int8"))
+    assert lean.dia_matrix_bytes == 5 * (64**2 + 128**2 + 256**2)
+    assert noopt.dia_matrix_bytes == 2 * lean.dia_matrix_bytes
+    assert int8.dia_matrix_bytes < lean.dia_matrix_bytes / 3  # 1 byte a weight + block scales
+    assert lean.extra_activation_bytes < noopt.extra_activation_bytes
+    assert noopt.extra_ops.get("ReorderOutput", 0) > lean.extra_ops.get("ReorderOutput", 0)
+    assert lean.bandwidth_gb_s > 0 and lean.lower_bound_ms > 0 and lean.multiple is not None
+    saved = result.to_dict()["cost"]["lean"]["1"]
+    assert saved["dia_matrix_mb_per_image"] == pytest.approx(lean.dia_matrix_bytes / 1e6)
+    assert "DIA's cost account" in result.to_markdown()

@@ -130,7 +130,7 @@ API_CASES: list[Case] = [
     ("no-dia-site", PlainMLP, lambda m: fxattn.transform(m, torch.randn(2, 16)),
      fxattn.AnalysisError, ("no DIA site", "PlainMLP", "include", "dia=False")),
     ("no-ssia-taps", PlainMLP, lambda m: fxattn.transform(m, torch.randn(2, 16), dia=False),
-     fxattn.AnalysisError, ("SSIA needs two", "ssia=False")),
+     fxattn.AnalysisError, ("SSIA needs at least two stage outputs", "has 0", "ssia=False")),
     ("include-matches-nothing", small_resnet,
      lambda m: fxattn.transform(m, X, dia=fxattn.DIA(include=["^nowhere$"])),
      fxattn.AnalysisError, ("no DIA site",)),

@@ -3,6 +3,7 @@
 Each optimisation is checked on a small CIFAR ResNet (2 bottlenecks per stage, 32x32 input):
 the rewritten ONNX graph has exactly the expected nodes, only DIA's matrices change, and
 onnxruntime's output stays within the mode's documented tolerance of PyTorch's fp32 output.
+They run on graphs already rewritten by ``fxattn.onnx_optimize`` (export_onnx's default).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fxattn.lowp import (
     gemm_to_matmul,
 )
 from fxattn.onnx_export import export_onnx, ort_session
+from fxattn.onnx_optimize import OnnxOptimize
 
 GROUPS = 3  # three stages of 64, 128, 256 channels
 SITES = 6  # two blocks per stage
@@ -44,7 +46,10 @@ def lean() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def fp32_onnx(lean: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("lowp") / "fp32.onnx"
-    export_onnx(lean, path, torch.randn(2, 3, 32, 32))
+    # lowp runs on top of the exact rewrites of fxattn.onnx_optimize (the default); the state
+    # fold is left to the tests below, which check what it removes
+    export_onnx(lean, path, torch.randn(2, 3, 32, 32),
+                optimize=OnnxOptimize(fold_initial_state=False))
     return path
 
 
@@ -153,7 +158,10 @@ def test_export_onnx_dia_weights_verifies_with_the_mode_tolerance(
 ) -> None:
     report = export_onnx(lean, tmp_path / "q.onnx", torch.randn(2, 3, 32, 32), dia_weights="int4")
     assert report.verified and report.atol == LOWP_ATOL["int4"]
-    assert report.op_counts["MatMulNBits"] == DIA_LINEARS
+    # on top of export_onnx's exact rewrites: the folded first sites' hidden paths are gone
+    assert report.op_counts["MatMulNBits"] == DIA_LINEARS - 2 * GROUPS
+    assert report.op_counts["Resize"] == SITES  # blocked_scale composes with the quantiser
+    assert any(note.startswith("exact DIA rewrites") for note in report.notes)
     assert 0 < report.max_abs_error <= LOWP_ATOL["int4"]
     assert any("int4" in note for note in report.notes)
 

@@ -4,7 +4,9 @@ Right after each tap, ``fxattn_ssia.maps.<i>(tap)`` reduces it to its attention 
 and immune to in-place ops that later reuse the tap's storage); just before the output,
 ``fxattn_ssia(map_0, ..., map_n)`` computes the loss and stores it for
 :func:`fxattn.ssia_loss`. The graph's output is untouched, so the transformed model returns
-exactly what the original returned.
+exactly what the original returned. With ``attach=True`` (``SSIA(attach=True)``) the output
+goes through ``fxattn_ssia.attach(loss, output)`` first: the same values, carrying the SSIA
+term's gradient (:mod:`fxattn.modules.attach`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ class SSIAInsertReport:
 
 
 def insert_ssia(
-    graph: fx.Graph, taps: list[Tap], replaced: dict[str, str] | None = None
+    graph: fx.Graph,
+    taps: list[Tap],
+    replaced: dict[str, str] | None = None,
+    attach: bool = False,
 ) -> tuple[fx.Graph, SSIAInsertReport]:
     """Return a copy of ``graph`` whose forward also computes the SSIA loss from the taps.
 
@@ -48,7 +53,14 @@ def insert_ssia(
     with new_graph.inserting_before(output):
         loss = new_graph.call_module(SSIA_ROOT, tuple(maps))
     loss.meta[FXATTN_META] = "ssia"
+    inserted = len(maps) + 1
+    if attach:
+        with new_graph.inserting_before(output):
+            attached = new_graph.call_module(f"{SSIA_ROOT}.attach", (loss, output.args[0]))
+        attached.meta[FXATTN_META] = "ssia"
+        output.args = (attached,)
+        inserted += 1
     new_graph.lint()
     return new_graph, SSIAInsertReport(
-        taps=tuple(n.name for n in features), inserted_nodes=len(maps) + 1
+        taps=tuple(n.name for n in features), inserted_nodes=inserted
     )

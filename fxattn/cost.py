@@ -1,0 +1,171 @@
+"""DIA's cost account in onnxruntime: the bytes it must move, and the latency that takes at best.
+
+DIA adds two kinds of memory traffic to a model, and at inference both are bound by memory
+bandwidth rather than arithmetic:
+
+* **its matrices**: the shared cell runs at every site of its group and reads its group's
+  matrices each time (at the precision they are stored in: fp32, or int8/int4 with their scales
+  for ``dia_weights``); counted from the ONNX graph, once per node that uses them;
+* **extra passes over activations**: what onnxruntime's *optimised* graph does beyond the
+  original's - layout reorders, unfused adds, multiplies, pools. Counted from onnxruntime's own
+  profile of one run (each node's input and output shapes): the bytes read and written by the
+  reorder / elementwise / pooling nodes of the DIA model minus those of the original model.
+
+Divided by the machine's memory bandwidth, measured in the same process (a large tensor copy
+with the benchmark's thread count), that is a lower bound on DIA's added latency. The account
+reports the measured added latency as a multiple of it. The bound assumes every byte comes from
+memory once: small groups' matrices that stay in cache can be read faster, so a multiple below
+1 is possible for models whose DIA matrices fit in the last-level cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: onnxruntime ops that make a pass over an activation without computing a convolution or matmul
+PASS_OPS = frozenset({
+    "ReorderInput", "ReorderOutput", "Add", "Sum", "Mul", "Div", "Sub", "Relu", "Sigmoid",
+    "Tanh", "ReduceMean", "GlobalAveragePool", "Upsample", "Resize", "Expand", "Transpose",
+    "Concat", "Split",
+})
+MATMUL_OPS = frozenset({"Gemm", "MatMul", "MatMulNBits", "FusedGemm", "FusedMatMul"})
+_DTYPE_BYTES = {"float": 4, "float16": 2, "double": 8, "int64": 8, "int32": 4, "int8": 1,
+                "uint8": 1, "bool": 1}
+
+
+@dataclass
+class CostAccount:
+    """DIA's memory traffic and its lower-bound latency for one model at one batch size."""
+
+    model: str
+    batch: int
+    dia_matrix_bytes: int
+    extra_activation_bytes: int
+    extra_ops: dict[str, int] = field(default_factory=dict)
+    bandwidth_gb_s: float = 0.0
+    added_ms: float | None = None
+
+    @property
+    def lower_bound_ms(self) -> float:
+        total = self.dia_matrix_bytes + self.extra_activation_bytes
+        return 1e3 * total / (self.bandwidth_gb_s * 1e9) if self.bandwidth_gb_s else float("nan")
+
+    @property
+    def multiple(self) -> float | None:
+        if self.added_ms is None or not self.lower_bound_ms > 0:
+            return None
+        return self.added_ms / self.lower_bound_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["dia_matrix_mb_per_image"] = self.dia_matrix_bytes / self.batch / 1e6
+        data["lower_bound_ms"] = self.lower_bound_ms
+        data["multiple_of_lower_bound"] = self.multiple
+        return data
+
+
+def memory_bandwidth(threads: int, megabytes: int = 256, repeats: int = 7) -> float:
+    """Copy bandwidth in GB/s (bytes read + written per second), median of ``repeats`` copies of
+    a ``megabytes`` fp32 tensor with ``threads`` torch threads - far larger than any cache."""
+    import torch
+
+    from .bench import torch_threads
+
+    with torch_threads(threads):
+        src = torch.rand(megabytes * 2**20 // 4)
+        dst = torch.empty_like(src)
+        dst.copy_(src)  # touch every page before timing
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def matrix_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of constant matrices one run reads through matmul-like nodes (``Gemm``, ``MatMul``,
+    ``MatMulNBits``: its packed weight and scales; biases aside): each node reads them once, so a
+    matrix shared by several sites counts once per site. A DIA model's count minus the
+    original's is DIA's, however its weights are named (fxattn's or a hand-written model's)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    sizes = {}
+    for init in model.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        sizes[init.name] = int(np.prod(init.dims)) * itemsize
+    dims = {init.name: len(init.dims) for init in model.graph.initializer}
+    return sum(sizes.get(name, 0) for node in model.graph.node if node.op_type in MATMUL_OPS
+               for name in node.input[1:]
+               if dims.get(name, 0) >= 2 or node.op_type == "MatMulNBits")  # biases aside
+
+
+def profile_passes(path: str | os.PathLike[str], arrays: list[np.ndarray],
+                   threads: int) -> tuple[int, Counter]:
+    """Bytes read and written by the :data:`PASS_OPS` nodes of onnxruntime's optimised graph in
+    one run on ``arrays`` (the model's inputs in order; from onnxruntime's profile), and how
+    many such nodes ran."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="fxattn-cost-") as folder:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        session.run(None, dict(zip(names, arrays, strict=True)))
+        events = json.loads(Path(session.end_profiling()).read_text())
+    moved, ops = 0, Counter()
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        if args.get("op_name") not in PASS_OPS:
+            continue
+        ops[args["op_name"]] += 1
+        for entry in args.get("input_type_shape", []) + args.get("output_type_shape", []):
+            for dtype, shape in entry.items():
+                moved += int(np.prod(shape)) * _DTYPE_BYTES.get(dtype, 4)
+    return moved, ops
+
+
+def cost_accounts(
+    paths: dict[str, Path],
+    feeds: dict[int, list[np.ndarray]],
+    threads: int,
+    baseline: str = "original",
+    bandwidth_gb_s: float | None = None,
+) -> dict[str, dict[int, CostAccount]]:
+    """The account of every model in ``paths`` but ``baseline``, at each batch of ``feeds``."""
+    bandwidth = bandwidth_gb_s or memory_bandwidth(threads)
+    accounts: dict[str, dict[int, CostAccount]] = {}
+    for batch, feed in feeds.items():
+        base_bytes, base_ops = profile_passes(paths[baseline], feed, threads)
+        base_matrices = matrix_bytes(paths[baseline])
+        for name, path in paths.items():
+            if name == baseline:
+                continue
+            moved, ops = profile_passes(path, feed, threads)
+            extra = {op: ops[op] - base_ops.get(op, 0) for op in sorted(ops)
+                     if ops[op] != base_ops.get(op, 0)}
+            accounts.setdefault(name, {})[batch] = CostAccount(
+                model=name, batch=batch,
+                dia_matrix_bytes=max(matrix_bytes(path) - base_matrices, 0),
+                extra_activation_bytes=max(moved - base_bytes, 0), extra_ops=extra,
+                bandwidth_gb_s=bandwidth)
+    return accounts

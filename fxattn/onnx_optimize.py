@@ -1,0 +1,362 @@
+"""Exact rewrites of DIA in an exported ONNX graph, aimed at onnxruntime's CPU optimiser.
+
+onnxruntime runs a plain ResNet as blocked-layout convolutions (``com.microsoft.nchwc``) with
+the residual Add and the ReLU fused in. DIA's pool (``ReduceMean``) and its channel multiply
+(``A * h[:, :, None, None]``, a broadcast ``Mul``) are ops its NCHWc transformer does not
+handle, so every block leaves the blocked layout (``ReorderOutput``), runs the pool, the multiply,
+the add and the ReLU as separate NCHW passes, and comes back (``ReorderInput``). The rewrites here
+restate the same arithmetic in ops the transformer *does* keep blocked; each is exact up to float
+reordering, has its own switch in :class:`OnnxOptimize`, and touches only DIA's nodes (the
+exporter's name scopes ``fxattn_dia.*``), so a model without DIA is left byte for byte as it was.
+
+``blocked_pool``
+    ``ReduceMean(A, axes=[2, 3])`` -> ``Flatten(GlobalAveragePool(A))``: the transformer runs a
+    ``GlobalAveragePool`` on the blocked tensor, so the pool no longer needs a layout reorder.
+``pool_before_conv``
+    ``GAP(Conv1x1(x, W, b)) = Conv1x1(GAP(x), W, b)`` (a 1x1, stride-1, unpadded convolution is
+    linear per pixel and commutes with the mean): pool the convolution's narrower input instead of
+    its output. Applied only where it reads fewer bytes at batch 1
+    (``(C_out - C_in) * H * W > C_out * C_in``: the activation read saved against the weights read
+    by the pooled convolution), e.g. ResNet-50's first two stages, not its last two.
+``blocked_scale``
+    ``A * h[:, :, None, None]`` -> ``A * Resize(DepthwiseConv1x1(h, 1))``: a depthwise 1x1
+    convolution with weight 1 (an exact copy) brings ``h`` into the blocked layout, a nearest
+    ``Resize`` by ``H x W`` (an exact copy) gives it ``A``'s shape, and the transformer runs a
+    ``Mul`` of equal blocked shapes in place - followed by the residual ``Add`` and ``ReLU`` in
+    the blocked layout too (fused into the downsample convolution where there is one). Needs
+    static ``H, W`` and ``C % 16 == 0`` (the blocked layout's channel block); a ``value_info``
+    entry for the ``Resize`` output gives onnxruntime the symbolic batch dimension it needs to
+    prove the shapes equal.
+``fold_initial_state``
+    :func:`fxattn.lowp.fold_initial_state`: at the first site of every group ``h = c = 0``, so
+    the hidden path there is a constant row and ``f * c`` vanishes; fewer matrix bytes read.
+
+What was tried and measured is in ``benchmarks/results/dia_cost_notes.md``.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+#: name scope of DIA's modules in the exported graph (``fxattn_dia.g0`` ...)
+DIA_SCOPE = "fxattn_dia."
+#: channel block of onnxruntime's blocked layout: 8 (AVX2) or 16 (AVX-512); 16 is safe for both
+NCHWC_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class OnnxOptimize:
+    """Switches of the exact DIA rewrites run by :func:`fxattn.export_onnx` (all on by default).
+
+    ``OnnxOptimize(blocked_scale=False)`` turns one off; ``export_onnx(..., optimize=False)``
+    turns all off.
+    """
+
+    blocked_pool: bool = True
+    pool_before_conv: bool = True
+    blocked_scale: bool = True
+    fold_initial_state: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"OnnxOptimize.{name} must be True or False, got {value!r}")
+
+    def to_dict(self) -> dict[str, bool]:
+        return asdict(self)
+
+
+def resolve_optimize(value: bool | OnnxOptimize | None) -> OnnxOptimize | None:
+    """``True`` -> all rewrites, ``False``/``None`` -> none, an :class:`OnnxOptimize` -> itself."""
+    if value is True:
+        return OnnxOptimize()
+    if value is False or value is None:
+        return None
+    if isinstance(value, OnnxOptimize):
+        return value
+    raise ConfigError(f"optimize must be True, False or fxattn.OnnxOptimize(...), got {value!r}")
+
+
+@dataclass
+class OptimizeReport:
+    """How many places each rewrite changed (``fold_initial_state``: nodes removed)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str = ""  # why the rewrites were skipped (the file is then left as exported)
+
+    @property
+    def changed(self) -> bool:
+        return not self.error and any(self.counts.values())
+
+    def __str__(self) -> str:
+        if self.error:
+            return f"exact DIA rewrites skipped ({self.error}); the graph is as exported"
+        parts = [f"{name} {count}" for name, count in self.counts.items() if count]
+        return "exact DIA rewrites for onnxruntime: " + (", ".join(parts) or "none applied")
+
+
+# --------------------------------------------------------------------------- graph helpers
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    import onnx
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def in_dia(node: Any) -> bool:
+    """Whether ``node`` comes from a DIA module: the dynamo exporter's name scopes, or the
+    TorchScript exporter's scoped node name (``/fxattn_dia.g0/...``)."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                scopes = [prop.value]
+            return any(str(s).startswith(DIA_SCOPE) for s in scopes)
+    return DIA_SCOPE in node.name
+
+
+def _shapes(model: Any) -> dict[str, list[int | str]]:
+    """Shapes of every tensor: the exporter's ``value_info`` (shape inference when missing)."""
+    import onnx
+
+    graph = model.graph
+    infos = list(graph.value_info) + list(graph.input) + list(graph.output)
+    if len(graph.value_info) < len(graph.node) // 2:
+        try:  # the TorchScript exporter writes few shapes; a model over 2 GB cannot be inferred
+            inferred = onnx.shape_inference.infer_shapes(model)
+            infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(
+                inferred.graph.output)
+        except (ValueError, onnx.shape_inference.InferenceError):
+            pass  # rewrites that need a missing shape then do not apply
+    shapes: dict[str, list[int | str]] = {}
+    for info in infos:
+        tensor = info.type.tensor_type
+        if tensor.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param
+                                 for d in tensor.shape.dim]
+    for init in graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _constants(model: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and _attr(node, "value") is not None:
+            values[node.output[0]] = numpy_helper.to_array(_attr(node, "value"))
+    return values
+
+
+def _is_spatial_mean(node: Any, shapes: dict, consts: dict) -> bool:
+    """``ReduceMean`` over the two spatial axes of a 4-D tensor."""
+    if node.op_type != "ReduceMean" or len(shapes.get(node.input[0], [])) != 4:
+        return False
+    if len(node.input) > 1 and node.input[1]:
+        axes = consts.get(node.input[1])
+    else:  # opset < 18: axes attribute
+        axes = _attr(node, "axes")
+    return axes is not None and sorted(int(a) % 4 for a in np.ravel(axes)) == [2, 3]
+
+
+def _is_pointwise_conv(node: Any, shapes: dict, consts: dict) -> bool:
+    """A 1x1, stride-1, unpadded, ungrouped ``Conv`` with constant weights (and bias)."""
+    if node.op_type != "Conv" or node.input[1] not in consts:
+        return False
+    if len(node.input) > 2 and node.input[2] and node.input[2] not in consts:
+        return False
+    kernel = list(_attr(node, "kernel_shape") or shapes.get(node.input[1], [0, 0, 0])[2:])
+    return (kernel == [1, 1] and all(s == 1 for s in _attr(node, "strides", [1, 1]))
+            and not any(_attr(node, "pads", [0, 0, 0, 0])) and _attr(node, "group", 1) == 1
+            and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
+
+
+# --------------------------------------------------------------------------- the rewrites
+
+
+def blocked_pool(model: Any, shapes: dict, consts: dict) -> int:
+    """DIA's ``ReduceMean`` over H, W -> ``GlobalAveragePool`` (+ ``Flatten`` when not keepdims)."""
+    import onnx
+
+    nodes, count = [], 0
+    for node in model.graph.node:
+        if not (in_dia(node) and _is_spatial_mean(node, shapes, consts)):
+            nodes.append(node)
+            continue
+        keepdims = _attr(node, "keepdims", 1)
+        pooled = node.output[0] if keepdims else f"{node.output[0]}__gap"
+        nodes += _scoped(node, onnx.helper.make_node("GlobalAveragePool", [node.input[0]],
+                                                     [pooled], name=f"{node.name}/fxattn_gap"))
+        if not keepdims:
+            nodes += _scoped(node, onnx.helper.make_node("Flatten", [pooled], [node.output[0]],
+                                                         axis=1, name=f"{node.name}/fxattn_flat"))
+            shapes[pooled] = [*shapes[node.input[0]][:2], 1, 1]
+        count += 1
+    _replace_nodes(model, nodes)
+    return count
+
+
+def pool_before_conv(model: Any, shapes: dict, consts: dict) -> int:
+    """DIA's ``GAP(Conv1x1(x))`` -> ``Conv1x1(GAP(x))`` where that reads fewer bytes."""
+    import onnx
+
+    producer = {out: node for node in model.graph.node for out in node.output}
+    nodes, count = [], 0
+    for node in model.graph.node:
+        pool = in_dia(node) and (node.op_type == "GlobalAveragePool"
+                                 or _is_spatial_mean(node, shapes, consts))
+        conv = producer.get(node.input[0]) if pool else None
+        fits = conv is not None and _is_pointwise_conv(conv, shapes, consts)
+        if fits:
+            c_out, c_in = shapes[conv.input[1]][:2]
+            spatial = shapes.get(conv.input[0], [])[2:]
+            fits = (len(spatial) == 2 and all(isinstance(d, int) for d in spatial)
+                    and (c_out - c_in) * spatial[0] * spatial[1] > c_out * c_in)
+        if not fits:
+            nodes.append(node)
+            continue
+        flat = node.op_type == "ReduceMean" and not _attr(node, "keepdims", 1)
+        pooled, out = f"{node.output[0]}__input_gap", node.output[0]
+        conv_out = f"{out}__pooled_conv" if flat else out
+        nodes += _scoped(
+            node,
+            onnx.helper.make_node("GlobalAveragePool", [conv.input[0]], [pooled],
+                                  name=f"{node.name}/fxattn_input_gap"),
+            onnx.helper.make_node("Conv", [pooled, *conv.input[1:]], [conv_out],
+                                  kernel_shape=[1, 1], name=f"{node.name}/fxattn_conv"),
+        )
+        if flat:
+            nodes += _scoped(node, onnx.helper.make_node("Flatten", [conv_out], [out], axis=1,
+                                                         name=f"{node.name}/fxattn_flat"))
+        count += 1
+    _replace_nodes(model, nodes)
+    return count
+
+
+def blocked_scale(model: Any, shapes: dict, consts: dict) -> int:
+    """DIA's ``A * h[:, :, None, None]`` -> ``A * Resize(DepthwiseConv1x1(h, 1), H x W)``."""
+    import onnx
+    from onnx import numpy_helper
+
+    producer = {out: node for node in model.graph.node for out in node.output}
+    nodes, count, added = [], 0, set()
+    for node in model.graph.node:
+        fits = in_dia(node) and node.op_type == "Mul" and len(node.input) == 2
+        if fits:
+            big, small = (shapes.get(name) for name in node.input)
+            fits = (big is not None and small is not None and len(big) == 4 and len(small) == 4
+                    and small[2:] == [1, 1] and big[1] == small[1] and isinstance(big[1], int)
+                    and big[1] % NCHWC_BLOCK == 0
+                    and all(isinstance(d, int) for d in big[2:]) and big[2] * big[3] > 1
+                    and producer.get(node.input[0]) is not None
+                    and producer[node.input[0]].op_type == "Conv")
+        if not fits:
+            nodes.append(node)
+            continue
+        a, h = node.input
+        channels, height, width = big[1], big[2], big[3]
+        ones, scales = f"fxattn_opt.ones_{channels}", f"fxattn_opt.scales_{height}x{width}"
+        for name, value in ((ones, np.ones((channels, 1, 1, 1), np.float32)),
+                            (scales, np.array([1, 1, height, width], np.float32))):
+            if name not in added:
+                model.graph.initializer.append(numpy_helper.from_array(value, name))
+                added.add(name)
+        blocked, full = f"{node.output[0]}__scale_blocked", f"{node.output[0]}__scale_full"
+        nodes += _scoped(
+            node,
+            onnx.helper.make_node("Conv", [h, ones], [blocked], group=channels,
+                                  kernel_shape=[1, 1], name=f"{node.name}/fxattn_enter"),
+            onnx.helper.make_node("Resize", [blocked, "", scales], [full], mode="nearest",
+                                  coordinate_transformation_mode="asymmetric",
+                                  nearest_mode="floor", name=f"{node.name}/fxattn_expand"),
+            onnx.helper.make_node("Mul", [a, full], list(node.output), name=node.name),
+        )
+        # the Resize's shape inference cannot carry a symbolic batch through its scales;
+        # onnxruntime proves the Mul's shapes equal only with this entry
+        model.graph.value_info.append(
+            onnx.helper.make_tensor_value_info(full, onnx.TensorProto.FLOAT, big))
+        count += 1
+    _replace_nodes(model, nodes)
+    return count
+
+
+def _scoped(origin: Any, *nodes: Any) -> list[Any]:
+    """``nodes`` with ``origin``'s metadata (its name scope): they stay recognisably DIA's."""
+    for node in nodes:
+        node.metadata_props.extend(origin.metadata_props)
+    return list(nodes)
+
+
+def _replace_nodes(model: Any, nodes: list[Any]) -> None:
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def has_dia(model: Any) -> bool:
+    return any(in_dia(node) for node in model.graph.node)
+
+
+def optimize_model(model: Any, options: OnnxOptimize | None = None) -> OptimizeReport:
+    """Run the enabled rewrites on ``model`` (an ``onnx.ModelProto``) in place."""
+    from .lowp import fold_initial_state
+
+    options = options or OnnxOptimize()
+    report = OptimizeReport({name: 0 for name in options.to_dict()})
+    if not has_dia(model):
+        return report
+    shapes, consts = _shapes(model), _constants(model)
+    if options.blocked_pool:
+        report.counts["blocked_pool"] = blocked_pool(model, shapes, consts)
+    if options.pool_before_conv:
+        report.counts["pool_before_conv"] = pool_before_conv(model, shapes, consts)
+    if options.blocked_scale:
+        report.counts["blocked_scale"] = blocked_scale(model, shapes, consts)
+    if options.fold_initial_state:
+        report.counts["fold_initial_state"] = fold_initial_state(model, check=False,
+                                                                  seeds=in_dia)
+    return report
+
+
+def optimize_onnx_file(path: str | Path, options: OnnxOptimize | None = None) -> OptimizeReport:
+    """Rewrite the ONNX file at ``path`` in place (untouched when nothing applies).
+
+    The rewrites are an optimisation: a graph they cannot handle (an unexpected pattern, a
+    result ``onnx.checker`` rejects) is left as exported and the report says why.
+    """
+    import onnx
+
+    from .onnx_export import external_data_path, save_with_external_data
+
+    path = Path(path)
+    model = onnx.load(str(path))
+    try:
+        report = optimize_model(model, options)
+        if report.changed and _small(model):
+            onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - an optimisation never fails an export
+        text = str(exc).strip().splitlines()
+        return OptimizeReport(error=f"{type(exc).__name__}: {text[0] if text else ''}")
+    if report.changed:
+        if external_data_path(path).exists():
+            save_with_external_data(model, path)
+        else:
+            onnx.save(model, str(path))
+    return report
+
+
+def _small(model: Any) -> bool:
+    """Under protobuf's 2 GB limit (the in-memory checker serialises the model)."""
+    return model.ByteSize() < 2**31 - 2**20

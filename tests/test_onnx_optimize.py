@@ -1,0 +1,232 @@
+"""The exact DIA rewrites of ``fxattn.onnx_optimize``: parity, structure, and no-ops elsewhere.
+
+Each rewrite runs alone on a small CIFAR ResNet with DIA (2 bottlenecks per stage, 32x32 input,
+groups of 64, 128 and 256 channels) and must keep onnxruntime's output equal to PyTorch's within
+float-reordering error. Models without DIA (and SSIA-only lean models) must export node for node
+as with the rewrites off.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from models import CifarResNet
+
+import fxattn
+from fxattn.errors import ConfigError
+from fxattn.onnx_export import export_onnx, ort_session
+from fxattn.onnx_optimize import OnnxOptimize, in_dia, optimize_onnx_file, resolve_optimize
+
+SITES = 6  # two blocks in each of three stages
+GROUPS = 3
+ONLY = {name: OnnxOptimize(**{k: k == name for k in OnnxOptimize().to_dict()})
+        for name in OnnxOptimize().to_dict()}
+# measured: worst |ort - torch| 3e-7 on logits of magnitude ~0.3 (any combination of rewrites)
+ATOL, RTOL = 1e-5, 1e-4
+
+
+@pytest.fixture(scope="module")
+def lean() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = CifarResNet(depth=20, num_classes=10).eval()
+    return fxattn.strip_ssia(fxattn.transform(model, torch.randn(2, 3, 32, 32), ssia=False))
+
+
+@pytest.fixture(scope="module")
+def plain_onnx(lean: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("opt") / "plain.onnx"
+    export_onnx(lean, path, torch.randn(2, 3, 32, 32), optimize=False, verify=False)
+    return path
+
+
+def _rewritten(plain: Path, tmp_path: Path, options: OnnxOptimize) -> tuple[Path, dict]:
+    path = tmp_path / "rewritten.onnx"
+    shutil.copy(plain, path)
+    return path, optimize_onnx_file(path, options).counts
+
+
+def _assert_parity(path: Path, lean: torch.nn.Module) -> None:
+    session = ort_session(str(path), threads=1)
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        got = session.run(None, {session.get_inputs()[0].name: x})[0]
+        with torch.no_grad():
+            want = lean(torch.from_numpy(x))
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=ATOL, rtol=RTOL)
+
+
+def _ops(path: Path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("name", list(ONLY))
+def test_each_rewrite_alone_is_exact(name: str, lean: torch.nn.Module, plain_onnx: Path,
+                                     tmp_path: Path) -> None:
+    path, counts = _rewritten(plain_onnx, tmp_path, ONLY[name])
+    assert counts[name] > 0 and all(v == 0 for k, v in counts.items() if k != name)
+    before, after = _ops(plain_onnx), _ops(path)
+    if name == "blocked_pool":  # every DIA pool; the classifier's own pool stays
+        assert counts[name] == SITES
+        assert after["ReduceMean"] == before["ReduceMean"] - SITES
+        assert after["GlobalAveragePool"] == before["GlobalAveragePool"] + SITES
+    elif name == "blocked_scale":
+        assert counts[name] == SITES
+        assert after["Resize"] == SITES and after["Conv"] == before["Conv"] + SITES
+    elif name == "pool_before_conv":
+        # applies where (C_out - C_in) * H * W > C_out * C_in: stages 1 and 2, not 3 (8x8)
+        assert counts[name] == 4
+    else:  # the hidden path of each group's first site: Gemm, ReLU, Gemm, f*c, c add, zeros
+        assert counts[name] > 0 and after["Gemm"] == before["Gemm"] - 2 * GROUPS
+    _assert_parity(path, lean)
+
+
+def test_all_rewrites_together_are_exact_and_export_onnx_runs_them(
+    lean: torch.nn.Module, plain_onnx: Path, tmp_path: Path
+) -> None:
+    report = export_onnx(lean, tmp_path / "default.onnx", torch.randn(2, 3, 32, 32))
+    assert any(note.startswith("exact DIA rewrites") for note in report.notes)
+    assert report.max_abs_error <= ATOL
+    _assert_parity(tmp_path / "default.onnx", lean)
+    counts = _rewritten(plain_onnx, tmp_path, OnnxOptimize())[1]
+    assert counts == {"blocked_pool": 6, "pool_before_conv": 4, "blocked_scale": 6,
+                      "fold_initial_state": counts["fold_initial_state"]}
+
+
+def _ort_optimised(path: Path, tmp_path: Path) -> Counter:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / f"{path.stem}.ort.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(options.optimized_model_filepath)
+    return Counter(f"{n.domain}:{n.op_type}" for n in model.graph.node)
+
+
+def test_onnxruntime_keeps_the_dia_multiply_and_add_in_the_blocked_layout(
+    plain_onnx: Path, tmp_path: Path
+) -> None:
+    before = _ort_optimised(plain_onnx, tmp_path)
+    if not before["com.microsoft.nchwc:Conv"]:
+        pytest.skip("this CPU has no onnxruntime NCHWc kernels (no AVX2)")
+    path, _ = _rewritten(plain_onnx, tmp_path, OnnxOptimize())
+    after = _ort_optimised(path, tmp_path)
+    # DIA's input of each scale enters the blocked layout as a (B, C, 1, 1) vector and is
+    # expanded there; the large activations no longer leave it
+    assert after["com.microsoft.nchwc:Upsample"] == SITES
+    assert after["com.microsoft.nchwc:ReorderInput"] == SITES  # only the small h vectors
+    assert before["com.microsoft.nchwc:ReorderInput"] >= SITES - 1
+    # the residual Add is fused into the downsample convolution of each stage's first block
+    assert after[":Add"] < before[":Add"]
+
+
+def test_models_without_dia_export_node_for_node_as_before(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = CifarResNet(depth=11, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ssia_lean = fxattn.strip_ssia(fxattn.transform(model, x, dia=False, ssia=True))
+    for name, module in (("plain", model), ("ssia-lean", ssia_lean)):
+        on = export_onnx(module, tmp_path / f"{name}-on.onnx", x, verify=False)
+        export_onnx(module, tmp_path / f"{name}-off.onnx", x, verify=False, optimize=False)
+        assert not any(n.startswith("exact DIA rewrites") for n in on.notes)
+        nodes_on = [(n.op_type, list(n.input), list(n.output))
+                    for n in onnx.load(str(tmp_path / f"{name}-on.onnx")).graph.node]
+        nodes_off = [(n.op_type, list(n.input), list(n.output))
+                     for n in onnx.load(str(tmp_path / f"{name}-off.onnx")).graph.node]
+        assert nodes_on == nodes_off
+
+
+def test_token_dia_gets_only_the_state_fold(tmp_path: Path) -> None:
+    """DIA on tokens ``(B, N, C)`` (a ViT): the spatial rewrites do not apply, the fold does."""
+
+    class Tokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Linear(8, 32)
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(32, 32) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.embed(x)
+            for block in self.blocks:
+                x = x + block(x)
+            return x.mean(1)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    lean = fxattn.strip_ssia(fxattn.transform(Tokens().eval(), x, ssia=False))
+    plain = tmp_path / "tokens.onnx"
+    export_onnx(lean, plain, x, optimize=False, verify=False)
+    path, counts = _rewritten(plain, tmp_path, OnnxOptimize())
+    assert counts["blocked_pool"] == counts["blocked_scale"] == counts["pool_before_conv"] == 0
+    session = ort_session(str(path), threads=1)
+    xs = torch.randn(3, 5, 8)
+    got = session.run(None, {session.get_inputs()[0].name: xs.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), lean(xs), atol=ATOL, rtol=RTOL)
+
+
+def test_options_are_validated() -> None:
+    assert resolve_optimize(True) == OnnxOptimize()
+    assert resolve_optimize(False) is None
+    with pytest.raises(ConfigError, match="blocked_scale"):
+        OnnxOptimize(blocked_scale="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="optimize must be"):
+        resolve_optimize("all")  # type: ignore[arg-type]
+
+
+def test_the_fold_leaves_zeros_outside_dia_alone(tmp_path: Path) -> None:
+    """A model's own ``zeros + x`` broadcast (a (B, C, H, W) zero plus a (1, C, H, W) bias) is
+    not DIA's: folding it to ``x`` would drop the batch dimension, so it stays."""
+
+    class ZeroBias(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = CifarResNet(depth=11, num_classes=10)
+            self.bias = torch.nn.Parameter(torch.randn(1, 3, 32, 32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(torch.zeros_like(x) + self.bias + x)
+
+    torch.manual_seed(0)
+    model = ZeroBias().eval()
+    x = torch.randn(2, 3, 32, 32)
+    lean = fxattn.strip_ssia(fxattn.transform(model, x, ssia=False))
+    plain = tmp_path / "zero-bias.onnx"
+    export_onnx(lean, plain, x, optimize=False, verify=False)
+    path, counts = _rewritten(plain, tmp_path, ONLY["fold_initial_state"])
+    assert counts["fold_initial_state"] > 0  # DIA's own zero state still folds
+
+    def zeros(file: Path) -> list[tuple[str, bool]]:
+        return [(n.name, in_dia(n)) for n in onnx.load(str(file)).graph.node
+                if n.op_type in ("Expand", "ConstantOfShape")]
+
+    assert any(dia for _, dia in zeros(plain)) and not any(dia for _, dia in zeros(path))
+    model_zeros = [name for name, dia in zeros(plain) if not dia]
+    assert model_zeros and model_zeros == [name for name, _ in zeros(path)]
+    session = ort_session(str(path), threads=1)
+    xs = torch.randn(3, 3, 32, 32)
+    got = session.run(None, {session.get_inputs()[0].name: xs.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), lean(xs), atol=ATOL, rtol=RTOL)
+
+
+def test_a_rewrite_that_fails_leaves_the_file_as_exported(
+    plain_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fxattn.onnx_optimize as optimizer
+
+    def broken(*args: object) -> int:
+        raise ValueError("unexpected pattern")
+
+    monkeypatch.setattr(optimizer, "blocked_pool", broken)
+    path = tmp_path / "copy.onnx"
+    shutil.copy(plain_onnx, path)
+    report = optimize_onnx_file(path, OnnxOptimize())
+    assert not report.changed and "ValueError: unexpected pattern" in str(report)
+    assert path.read_bytes() == plain_onnx.read_bytes()
