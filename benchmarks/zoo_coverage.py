@@ -309,9 +309,11 @@ def build(model_id: str) -> tuple[Any, Any, str]:
 
         torch.manual_seed(0)
         raft = torchvision.models.get_model(name, weights=None)
-        # features at 1/8 resolution feed a 4-level correlation pyramid: 128 px is the least
-        images = (torch.randn(2, 3, 128, 128), torch.randn(2, 3, 128, 128))
-        return raft, images, "image1, image2 2x3x128x128"
+        # features at 1/8 resolution feed a 4-level correlation pyramid: 128 px is the least.
+        # Two refinement iterations instead of 12: the graph unrolls the loop, one copy each.
+        images = {"image1": torch.randn(2, 3, 128, 128), "image2": torch.randn(2, 3, 128, 128),
+                  "num_flow_updates": 2}
+        return raft, images, "image1, image2 2x3x128x128, num_flow_updates=2"
     if family == "torchvision.quantization":
         import torchvision
 
@@ -475,8 +477,8 @@ def task_loss(model_id: str, model: Any, inputs: Any) -> Callable[[Any], Any]:
         return lambda out: sum(torch.nn.functional.cross_entropy(t, labels)
                                for t in _float_leaves(out) if t.dim() == 2)
     if family == "torchvision.optical_flow":
-        image1 = inputs[0]
-        target = torch.randn(image1.shape[0], 2, *image1.shape[2:])
+        image1 = inputs["image1"]
+        target = torch.randn(image1.shape[0], 2, *image1.shape[2:])  # a flow per pixel
         return lambda flows: _raft_sequence_loss(flows, target)
     if family == "ultralytics":
         batch = _yolo_batch(model, inputs)
