@@ -358,6 +358,12 @@ def export_onnx(
     inputs = ExampleInputs.from_user(example_inputs)
     notes: list[str] = []
     module = unwrap(module)
+    if _is_detection_export(module, inputs):  # list[image] -> list[dict]: its own export
+        from .export_detection import export_detector
+
+        return export_detector(module, target, inputs.args, verify=verify,  # type: ignore
+                               overwrite=overwrite, seed=seed,
+                               exporter="auto" if exporter == "auto" else exporter, opset=opset)
     if isinstance(module, AttentionGraphModule):
         from .transform import strip_ssia
 
@@ -417,6 +423,14 @@ def export_onnx(
         verified=verify,
         notes=notes,
     )
+
+
+def _is_detection_export(module: nn.Module, inputs: ExampleInputs) -> bool:
+    """A scoped fxattn model, or a forward fed a list of images (a torchvision detector)."""
+    from .scope import scope_info
+
+    return scope_info(module) is not None or bool(
+        inputs.args and isinstance(inputs.args[0], list) and inputs.batches()[1])
 
 
 def _check_runs(module: nn.Module, inputs: ExampleInputs) -> None:

@@ -49,6 +49,7 @@ class ScopedPart:
     module_class: str
     reason: str
     plan: Plan
+    inputs: ExampleInputs | None = None  # what the part received on the user's example
 
 
 @dataclass

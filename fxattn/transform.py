@@ -292,7 +292,8 @@ def _scoped_plan(
                                               candidate.inputs)
         prepared.append((candidate, ready))
     parts = [
-        ScopedPart(c.path, type(root.get_submodule(c.path)).__name__, c.reason, p.train_plan)
+        ScopedPart(c.path, type(root.get_submodule(c.path)).__name__, c.reason, p.train_plan,
+                   c.inputs)
         for c, p in prepared
     ]
     plan = ScopePlan(type(model).__name__, parts, skipped,
