@@ -103,7 +103,8 @@ class DetectionExportReport:
             lines.append(
                 f"onnxruntime vs PyTorch on images {sizes}: {m.matched}/{m.compared} "
                 f"detections with score >= {self.rule.score_threshold:g} matched "
-                f"({m.borderline} borderline), worst box error {m.max_box_error:.2e} px, "
+                f"({m.borderline} borderline, {m.ties} NMS ties), worst box error "
+                f"{m.max_box_error:.2e} px, "
                 f"score {m.max_score_error:.2e}"
                 + (f", masks/keypoints {m.max_extra_error:.2e}" if m.max_extra_error else "")
             )
@@ -283,6 +284,8 @@ def export_detector(
                 else MatchReport()
             proto = onnx.load(str(tmp))
             file_bytes = onnx_file_bytes(tmp)
+    except VerificationError:
+        raise  # exported, but wrong: never hidden behind the parts' export
     except ExportError as whole:
         if not (parts_fallback and info is not None):
             raise

@@ -192,9 +192,17 @@ def test_matching_rule_allows_ties_and_the_cut_only() -> None:
             "labels": torch.tensor([1, 1])}]
     report = match_detections(want, got, MatchRule(score_threshold=0.05))
     assert report.ok and report.matched == 2 and report.borderline == 1
+    # NMS kept the other of two overlapping boxes of equal score: a tie, not a mismatch
+    tied = [{"boxes": torch.cat([boxes[:1], boxes[1:2] + 1.0]), "scores": torch.tensor([0.9, 0.9]),
+             "labels": torch.tensor([1, 1])}]
+    report = match_detections(want, tied, MatchRule(score_threshold=0.05))
+    assert report.ok and report.matched == 1 and report.ties == 1
     got[0]["boxes"] = got[0]["boxes"] + torch.tensor([0.0, 0.0, 0.5, 0.0])
-    report = match_detections(want, got, MatchRule(score_threshold=0.05))
+    report = match_detections(want, got, MatchRule(score_threshold=0.05, tie_iou=0.99))
     assert not report.ok and "no match" in report.problems[0]
+    got[0]["labels"] = torch.tensor([2, 2])  # a wrong label is never a tie
+    report = match_detections(want, got, MatchRule(score_threshold=0.05))
+    assert not report.ok and len(report.problems) == 4
 
 
 def test_with_batch_cycles_sample_lists(batch: tuple) -> None:
