@@ -30,6 +30,7 @@ from .errors import (
 )
 from .graph_module import AttentionGraphModule
 from .onnx_export import ExportReport, export_onnx
+from .scope import ScopePlan
 from .serialization import Checkpoint, load, load_checkpoint, save
 from .tracing import TraceOptions
 from .transform import inspect, ssia_loss, strip_ssia, transform
@@ -55,6 +56,7 @@ __all__ = [
     "NotTransformedError",
     "Plan",
     "SSIALossUnavailableError",
+    "ScopePlan",
     "TraceError",
     "TraceOptions",
     "VerificationError",

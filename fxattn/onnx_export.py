@@ -333,6 +333,10 @@ def export_onnx(
             precision (see :mod:`fxattn.lowp`); verification then uses that mode's looser
             tolerance (``fxattn.lowp.LOWP_ATOL``) when it exceeds ``atol``.
 
+    A detector (a scoped fxattn model, or a module fed a list of images) is exported whole
+    by :func:`fxattn.export_detection.export_detector`, which verifies detections instead of
+    elements and returns its ``DetectionExportReport``.
+
     Raises:
         ExportError: the path cannot be written or no exporter could export the module.
         VerificationError: onnxruntime disagrees with PyTorch by more than ``atol``.
