@@ -53,7 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 STAGES = ("build", "trace", "analyze", "insert", "train", "strip", "export", "parity")
 FAMILIES = (
-    "torchvision", "torchvision.segmentation", "timm", "timm.heldout", "transformers", "diffusers"
+    "torchvision", "torchvision.segmentation", "timm", "timm.heldout", "transformers", "diffusers",
+    "torchvision.detection",
 )
 HELDOUT_COUNT = 40
 RESULT_MARK = "@@ZOO_RESULT@@"
@@ -192,6 +193,10 @@ def all_models(families: tuple[str, ...]) -> list[str]:
         ids += [f"transformers:{n}" for n in HF_MODELS]
     if "diffusers" in families:
         ids += ["diffusers:UNet2DModel"]
+    if "torchvision.detection" in families:  # the detector's own signature: zoo_detection.py
+        from zoo_detection import detection_models
+
+        ids += detection_models()
     return ids
 
 
@@ -370,6 +375,10 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     family, name = model_id.split(":", 1)
+    if family == "torchvision.detection":
+        from zoo_detection import run_detection_pipeline
+
+        return run_detection_pipeline(model_id, _first_line)
     record: dict[str, Any] = {"id": model_id, "family": family, "name": name, "status": "failed"}
     started = time.perf_counter()
     stage = "build"
