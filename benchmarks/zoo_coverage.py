@@ -63,7 +63,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 STAGES = ("build", "trace", "analyze", "insert", "train", "strip", "export", "parity")
 FAMILIES = (
     "torchvision", "torchvision.segmentation", "timm", "timm.heldout", "transformers", "diffusers",
-    "torchvision.video", "torchvision.optical_flow", "torchvision.quantization", "ultralytics",
+    "torchvision.detection", "torchvision.video", "torchvision.optical_flow",
+    "torchvision.quantization", "ultralytics",
 )
 HELDOUT_COUNT = 40
 RESULT_MARK = "@@ZOO_RESULT@@"
@@ -221,6 +222,10 @@ def all_models(families: tuple[str, ...]) -> list[str]:
         ids += [f"transformers:{n}" for n in HF_MODELS]
     if "diffusers" in families:
         ids += [f"diffusers:{n}" for n in DIFFUSERS_MODELS]
+    if "torchvision.detection" in families:  # the detector's own signature: zoo_detection.py
+        from zoo_detection import detection_models
+
+        ids += detection_models()
     for family, module in (("torchvision.video", "video"),
                            ("torchvision.optical_flow", "optical_flow"),
                            ("torchvision.quantization", "quantization")):
@@ -582,6 +587,10 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     family, name = model_id.split(":", 1)
+    if family == "torchvision.detection":
+        from zoo_detection import run_detection_pipeline
+
+        return run_detection_pipeline(model_id, _first_line)
     record: dict[str, Any] = {"id": model_id, "family": family, "name": name, "status": "failed"}
     started = time.perf_counter()
     stage = "build"

@@ -31,6 +31,7 @@ from .errors import (
 from .graph_module import AttentionGraphModule
 from .onnx_export import ExportReport, export_onnx
 from .onnx_optimize import OnnxOptimize
+from .scope import ScopePlan
 from .serialization import Checkpoint, load, load_checkpoint, save
 from .tracing import TraceOptions
 from .transform import inspect, set_ssia_scale, ssia_loss, strip_ssia, transform
@@ -57,6 +58,7 @@ __all__ = [
     "OnnxOptimize",
     "Plan",
     "SSIALossUnavailableError",
+    "ScopePlan",
     "TraceError",
     "TraceOptions",
     "VerificationError",

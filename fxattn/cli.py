@@ -125,6 +125,7 @@ def _methods(args: argparse.Namespace) -> tuple[Any, Any]:
 def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, str]:
     import torch
 
+    from .detection import detection_targets_for, is_detector, random_detection_batch
     from .specs import build_model, parse_shape, random_input
 
     if not args.model.strip():
@@ -138,6 +139,11 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, str]:
         )
     built = build_model(args.model, args.model_kwargs)
     shape = parse_shape(args.input_shape) if args.input_shape else built.input_shape
+    if is_detector(built.model):  # its own training signature: (images, targets)
+        batch, _, height, width = shape
+        return built.model, random_detection_batch(
+            batch, ((height, width), (width, height)), **detection_targets_for(built.model)
+        ), built.spec
     example = random_input(shape)
     if not torch.is_floating_point(example):  # pragma: no cover - random_input is float
         raise ModelSpecError("example input must be floating point")
@@ -189,8 +195,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
     path = save(module, args.output, example, model_spec=spec, model_kwargs=args.model_kwargs,
                 overwrite=args.force)
     kind = "stripped (lean)" if args.strip else "transformed (training)"
-    print(f"saved {kind} {spec} to {path}: {len(net.plan.sites)} DIA sites, "
-          f"{len(net.plan.active_pairs)} SSIA pairs; load with fxattn.load({str(path)!r})")
+    plan = net.fxattn_scope.plan if hasattr(net, "fxattn_scope") else net.plan
+    print(f"saved {kind} {spec} to {path}: {len(plan.sites)} DIA sites, "
+          f"{len(plan.active_pairs)} SSIA pairs; load with fxattn.load({str(path)!r})")
     return 0
 
 
@@ -208,6 +215,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         shape = parse_shape(args.input_shape) if args.input_shape else (
             tuple(payload["inputs"][0][0]))
         example: Any = random_input(shape)
+        if payload.get("scope") and payload.get("example"):  # a scoped model (a detector)
+            from .serialization import _example_from_plain
+
+            example = _example_from_plain(payload["example"]).args
     else:
         model, example, _ = _model_and_input(args)
         if args.original:

@@ -333,6 +333,10 @@ def export_onnx(
             default; ``False``: none; an :class:`fxattn.OnnxOptimize` picks them). A model
             without DIA is never changed by them.
 
+    A detector (a scoped fxattn model, or a module fed a list of images) is exported whole
+    by :func:`fxattn.export_detection.export_detector`, which verifies detections instead of
+    elements and returns its ``DetectionExportReport``.
+
     Raises:
         ExportError: the path cannot be written or no exporter could export the module.
         VerificationError: onnxruntime disagrees with PyTorch beyond the tolerance; the message
@@ -367,6 +371,12 @@ def export_onnx(
     inputs = ExampleInputs.from_user(example_inputs)
     notes: list[str] = []
     module = unwrap(module)
+    if _is_detection_export(module, inputs):  # list[image] -> list[dict]: its own export
+        from .export_detection import export_detector
+
+        return export_detector(module, target, inputs.args, verify=verify,  # type: ignore
+                               overwrite=overwrite, seed=seed,
+                               exporter="auto" if exporter == "auto" else exporter, opset=opset)
     if isinstance(module, AttentionGraphModule):
         from .transform import strip_ssia
 
@@ -430,6 +440,14 @@ def export_onnx(
         verification=verification,
         notes=notes,
     )
+
+
+def _is_detection_export(module: nn.Module, inputs: ExampleInputs) -> bool:
+    """A scoped fxattn model, or a forward fed a list of images (a torchvision detector)."""
+    from .scope import scope_info
+
+    return scope_info(module) is not None or bool(
+        inputs.args and isinstance(inputs.args[0], list) and inputs.batches()[1])
 
 
 def _check_runs(module: nn.Module, inputs: ExampleInputs) -> None:

@@ -9,6 +9,8 @@ File format (``.fxattn``, read with ``torch.load(weights_only=True)``): a dict o
       "model_kwargs": {...},
       "model_class": "torchvision.models.resnet.ResNet",
       "inputs": [[shape, dtype], ...],                # example inputs to re-trace with
+      "example": {"args": [...], "kwargs": {...}},    # their structure (images, targets)
+      "scope": ["backbone"] | None,                   # the parts of a scoped model
       "dia": {...} | None, "ssia": {...} | None,      # the options of fxattn.DIA / fxattn.SSIA
       "state_dict": {...},                            # tensors only
       "training": bool,
@@ -54,6 +56,7 @@ from torch import nn
 from .errors import CheckpointError, FxAttnError
 from .graph_module import AttentionGraphModule, unwrap
 from .onnx_export import atomic_path, check_output_path
+from .scope import scope_info
 
 FORMAT = "fxattn/1"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
@@ -202,7 +205,10 @@ def save(
     from .tracing import ExampleInputs
 
     module = unwrap(net)
-    info = None
+    info: Any = scope_info(module)
+    scope = info.plan.paths if info is not None else None
+    stripped = info.stripped if info is not None else not isinstance(module,
+                                                                     AttentionGraphModule)
     if isinstance(module, AttentionGraphModule):
         info = module.fxattn_info
     elif isinstance(module, torch.fx.GraphModule):
@@ -216,11 +222,13 @@ def save(
     target = check_output_path(path, overwrite)
     payload = {
         "format": FORMAT,
-        "kind": "transformed" if isinstance(module, AttentionGraphModule) else "stripped",
+        "kind": "stripped" if stripped else "transformed",
         "model_spec": model_spec,
         "model_kwargs": dict(model_kwargs or {}),
         "model_class": info.model_class,
         "inputs": [[list(t.shape), str(t.dtype)] for t in inputs.tensors()],
+        "example": _plain_example(inputs),
+        "scope": scope,
         "dia": info.dia,
         "ssia": info.ssia,
         "state_dict": dict(module.state_dict()),
@@ -236,6 +244,58 @@ def save(
     with atomic_path(target) as tmp:
         torch.save(payload, tmp)
     return target
+
+
+_SPEC = "fxattn_tensor"  # {"fxattn_tensor": shape, "dtype": "torch.float32"}: zeros on load
+
+
+def _plain_example(inputs: Any) -> Any:
+    """The example as plain data: the inputs' structure, re-traceable on load.
+
+    Batch data (batch-major tensors, the images of a sample list) is kept as shape and dtype
+    (zeros on load, as for plain tensors); everything else - a detector's target dicts (boxes
+    must stay valid), timesteps, flags - is kept by value.
+    """
+    from .tracing import _is_sample_list
+
+    def encode(value: Any, data: bool) -> Any:
+        if isinstance(value, torch.Tensor):
+            if data and value.dim() >= 1:
+                return {_SPEC: list(value.shape), "dtype": str(value.dtype)}
+            return value.detach().cpu().clone()
+        if _is_sample_list(value):
+            return [encode(v, True) if isinstance(v, torch.Tensor) else encode(v, False)
+                    for v in value]
+        if isinstance(value, Mapping):
+            return {k: encode(v, data) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(encode(v, data) for v in value) if type(value) in (
+                list, tuple) else [encode(v, data) for v in value]
+        return value
+
+    plain = {"args": [encode(a, True) for a in inputs.args],
+             "kwargs": {k: encode(v, True) for k, v in inputs.kwargs.items()}}
+    try:
+        _check_plain(plain, "example_inputs")
+    except CheckpointError:
+        return None  # not plain data (a custom object): load re-traces with the tensor shapes
+    return plain
+
+
+def _example_from_plain(plain: Mapping[str, Any]) -> Any:
+    def decode(value: Any) -> Any:
+        if isinstance(value, Mapping) and _SPEC in value:
+            return torch.zeros(value[_SPEC], dtype=_DTYPES.get(value["dtype"], torch.float32))
+        if isinstance(value, Mapping):
+            return {k: decode(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(decode(v) for v in value)
+        return value
+
+    from .tracing import ExampleInputs
+
+    return ExampleInputs(tuple(decode(a) for a in plain["args"]),
+                         {k: decode(v) for k, v in plain["kwargs"].items()})
 
 
 def read(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -289,12 +349,15 @@ def load(
             )
         model = build_model(payload["model_spec"], payload.get("model_kwargs")).model
     try:
-        example = tuple(
+        example: Any = tuple(
             torch.zeros(shape, dtype=_DTYPES.get(dtype, torch.float32))
             for shape, dtype in payload["inputs"]
         )
+        if payload.get("example") is not None:
+            example = _example_from_plain(payload["example"])
         net: nn.Module = transform(model, example, dia=payload["dia"] or False,
-                                   ssia=payload["ssia"] or False)
+                                   ssia=payload["ssia"] or False,
+                                   scope=payload.get("scope") or "auto")
         if payload["kind"] == "stripped":
             net = strip_ssia(net)
         net.load_state_dict(payload["state_dict"], strict=True)

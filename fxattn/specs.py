@@ -70,6 +70,8 @@ def _torchvision(name: str, spec: str, kwargs: dict[str, Any]) -> BuiltModel:
     names = torchvision.models.list_models()
     if name not in names:
         raise ModelSpecError(f"torchvision has no model {name!r}{_suggest(name, names)}")
+    if name in torchvision.models.list_models(module=torchvision.models.detection):
+        kwargs = {"weights_backbone": None, **kwargs}  # never download a backbone
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     size = 299 if name == "inception_v3" else 224
     return BuiltModel(model, spec, (2, 3, size, size))

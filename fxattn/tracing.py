@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import io
@@ -175,12 +176,60 @@ class FxAttnTracer(fx.Tracer):
 # --------------------------------------------------------------------------- example inputs
 
 
+def _is_sample_list(value: Any) -> bool:
+    """A Python ``list`` of per-sample items: CHW images, or target dicts.
+
+    torchvision's detectors take ``images: list[Tensor]`` (each its own size) and
+    ``targets: list[dict]``; such a list is a batch of its own, of ``len(list)`` samples.
+    A list of 4-D (or larger) tensors is a list of batches (a feature pyramid), not samples.
+    """
+    if not isinstance(value, list) or not value:
+        return False
+    images = all(isinstance(v, torch.Tensor) and v.dim() == 3 for v in value)
+    return images or all(isinstance(v, Mapping) for v in value)
+
+
+def _walk_batches(value: Any, tensors: list[torch.Tensor], lists: list[list[Any]]) -> None:
+    """Sort a pytree's leaves into batch-major tensors and sample lists (others pass)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 1:
+            tensors.append(value)
+    elif _is_sample_list(value):
+        lists.append(value)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            _walk_batches(item, tensors, lists)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _walk_batches(item, tensors, lists)
+
+
+def _fresh_tensor(leaf: torch.Tensor, shape: tuple[int, ...],
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """Random values of ``leaf``'s kind: normal floats, all-true masks, ids below its max."""
+    if leaf.is_floating_point():
+        return torch.randn(shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
+    if leaf.dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool, device=leaf.device)
+    high = int(leaf.max().item()) + 1 if leaf.numel() else 2
+    return torch.randint(0, max(high, 1), shape, generator=generator, dtype=leaf.dtype).to(
+        leaf.device
+    )
+
+
 @dataclass(frozen=True)
 class ExampleInputs:
     """The user's example inputs, normalised to positional ``args`` and keyword ``kwargs``.
 
     Accepted forms: one tensor, a tuple/list of positional arguments, or a dict of keyword
-    arguments (``{"input_ids": ids}``).
+    arguments (``{"input_ids": ids}``). Each argument is a pytree whose parts are one of:
+
+    - a *batch-major tensor* (dim >= 1): its leading dimension is the batch; all of them
+      must agree on it (an image and its mask, ids and attention mask);
+    - a *sample list*: a Python ``list`` of tensors (CHW images, each its own size) or of
+      dicts (detection targets), nested inside an argument: a batch of ``len(list)`` of its
+      own (torchvision's detectors take ``(images, targets)`` this way);
+    - anything else (0-d timesteps, ints, flags, ``None``): passed through unchanged.
     """
 
     args: tuple[Any, ...]
@@ -213,46 +262,79 @@ class ExampleInputs:
         leaves = torch.utils._pytree.tree_leaves((self.args, self.kwargs))
         return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
+    def batches(self) -> tuple[list[torch.Tensor], list[list[Any]]]:
+        """The batch-major tensors and the sample lists (see the class docstring)."""
+        tensors: list[torch.Tensor] = []
+        lists: list[list[Any]] = []
+        for value in (*self.args, *self.kwargs.values()):
+            _walk_batches(value, tensors, lists)
+        return tensors, lists
+
     def validate(self) -> None:
         tensors = self.tensors()
         if not tensors:
             raise InputError("example_inputs holds no tensor; pass at least one input tensor")
-        for tensor in tensors:
-            if tensor.dim() == 0:
-                raise InputError(
-                    "example input is a scalar tensor; inputs need a leading batch dimension"
-                )
+        batched, lists = self.batches()
+        if not batched and not lists:
+            raise InputError(
+                "example input is a scalar tensor; inputs need a leading batch dimension"
+            )
+        for tensor in batched:
             if tensor.shape[0] == 0:
                 raise InputError(
                     f"example input of shape {tuple(tensor.shape)} has an empty batch; "
                     "use a batch of at least 1 (2 or more lets export check a dynamic batch)"
                 )
-        if len({t.shape[0] for t in tensors}) > 1:
-            shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+        if len({t.shape[0] for t in batched}) > 1:
+            shapes = ", ".join(str(tuple(t.shape)) for t in batched)
             raise InputError(f"example inputs disagree on the batch size: {shapes}")
+        counts = {len(items) for items in lists}
+        if len(counts) > 1:
+            raise InputError(
+                f"example inputs hold lists of {' and '.join(map(str, sorted(counts)))} samples "
+                "(e.g. images and their targets); give one entry per sample in each list"
+            )
 
     @property
     def batch_size(self) -> int:
-        return int(self.tensors()[0].shape[0])
+        """The leading size of the batch-major tensors, else the length of the sample lists."""
+        batched, lists = self.batches()
+        return int(batched[0].shape[0]) if batched else len(lists[0])
 
     def with_batch(self, batch: int, generator: torch.Generator | None = None) -> ExampleInputs:
-        """Fresh random inputs of the same kind with another batch size (for verification)."""
+        """Fresh random inputs of the same kind with another batch size (for verification).
 
-        def fresh(leaf: Any) -> Any:
-            if not isinstance(leaf, torch.Tensor):
-                return leaf
-            shape = (batch, *leaf.shape[1:])
-            if leaf.is_floating_point():
-                return torch.randn(shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
-            if leaf.dtype == torch.bool:
-                return torch.ones(shape, dtype=torch.bool, device=leaf.device)
-            high = int(leaf.max().item()) + 1 if leaf.numel() else 2
-            return torch.randint(0, max(high, 1), shape, generator=generator, dtype=leaf.dtype).to(
-                leaf.device
-            )
+        Batch-major tensors get ``batch`` rows of random values; a sample list gets ``batch``
+        entries cycling over the example's (so images keep their sizes, each paired with its
+        own target: sample ``i`` is a fresh image shaped like example ``i % len``, with that
+        example's target dict); other leaves are kept.
+        """
 
-        args, kwargs = torch.utils._pytree.tree_map(fresh, (self.args, self.kwargs))
-        return ExampleInputs(tuple(args), dict(kwargs))
+        def fresh(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                if value.dim() == 0:
+                    return value
+                return _fresh_tensor(value, (batch, *value.shape[1:]), generator)
+            if _is_sample_list(value):
+                cycled = [value[i % len(value)] for i in range(batch)]
+                return [
+                    _fresh_tensor(item, tuple(item.shape), generator)
+                    if isinstance(item, torch.Tensor) else item
+                    for item in cycled
+                ]
+            if isinstance(value, dict):
+                out = copy.copy(value)  # keeps OrderedDict / BatchEncoding and their order
+                for key, item in value.items():
+                    out[key] = fresh(item)
+                return out
+            if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuples
+                return type(value)(*(fresh(v) for v in value))
+            if isinstance(value, (list, tuple)):
+                return type(value)(fresh(v) for v in value)
+            return value
+
+        return ExampleInputs(tuple(fresh(a) for a in self.args),
+                             {k: fresh(v) for k, v in self.kwargs.items()})
 
     def call(self, module: Callable[..., Any]) -> Any:
         return module(*self.args, **self.kwargs)
@@ -285,9 +367,12 @@ class ExampleInputs:
                     f"positionally or as {{{name!r}: tensor}}"
                 )
         if positional and not variadic:
+            images = all(isinstance(a, torch.Tensor) and a.dim() == 3 for a in self.args)
+            hint = "; a list of images is one input: pass ([image, ...],)" if images else ""
             raise InputError(
                 f"example_inputs has {len(self.args)} positional inputs but forward() takes "
                 f"{len(names)} ({', '.join(map(repr, names))}); pass one value per argument"
+                f"{hint}"
             )
         return values
 
@@ -314,7 +399,10 @@ TRACE_LOCK = threading.RLock()
 
 
 def trace_dual(
-    model: nn.Module, inputs: ExampleInputs, options: TraceOptions = TraceOptions()
+    model: nn.Module,
+    inputs: ExampleInputs,
+    options: TraceOptions = TraceOptions(),
+    export_fallback: bool = True,
 ) -> DualGraphs:
     """Trace ``model`` in train and eval mode; restores the model's own mode afterwards.
 
@@ -331,6 +419,8 @@ def trace_dual(
         try:
             return _symbolic_dual(model, _with_unused_defaults(model, inputs, options))
         except TraceError as fx_error:
+            if not export_fallback:
+                raise
             try:
                 with _silenced("torch.fx.experimental.symbolic_shapes", "torch._export",
                                "torch.export", "torch._dynamo"), _stderr_kept_on_success():

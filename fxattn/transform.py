@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .analysis import Plan, analyze
@@ -24,6 +23,7 @@ from .errors import (
     InputError,
     NotTransformedError,
     SSIALossUnavailableError,
+    TraceError,
 )
 from .graph_module import (
     DIA_ROOT,
@@ -33,10 +33,24 @@ from .graph_module import (
     interface_class,
     unwrap,
 )
-from .modules.dia import DIALSTMCell, SharedSE, build_dia_module
 from .modules.attach import SSIAAttach
+from .modules.dia import DIALSTMCell, SharedSE, build_dia_module
 from .modules.ssia import PairSpec, SSIALoss, TapSpec
 from .passes import insert_dia, insert_ssia, strip_pass
+from .scope import (
+    SCOPE_ATTR,
+    ScopedPart,
+    ScopeInfo,
+    ScopePlan,
+    capture_calls,
+    check_scope_argument,
+    choose_parts,
+    explicit_parts,
+    first_sentence,
+    parts_of,
+    scope_info,
+    strip_scoped,
+)
 from .tracing import (
     ExampleInputs,
     TraceOptions,
@@ -53,7 +67,7 @@ def _check_model(model: Any) -> None:
             f"model must be a torch.nn.Module, got {type(model).__name__}; pass the module "
             "itself (e.g. torchvision.models.resnet18()), not its output or state_dict"
         )
-    if isinstance(unwrap(model), AttentionGraphModule) or any(
+    if isinstance(unwrap(model), AttentionGraphModule) or scope_info(model) or any(
         isinstance(m, (DIALSTMCell, SharedSE, SSIALoss)) for m in model.modules()
     ):
         raise AlreadyTransformedError(
@@ -80,12 +94,13 @@ class _Prepared:
         dia: DIA | None,
         ssia: SSIA | None,
         options: TraceOptions,
+        export_fallback: bool = True,
     ) -> None:
         _check_model(model)
         self.inputs = ExampleInputs.from_user(example_inputs)
         check_model_inputs(model, self.inputs)
         self.root = copy.deepcopy(model)  # never trace, run or rewire the caller's model
-        self.graphs = trace_dual(self.root, self.inputs, options)
+        self.graphs = trace_dual(self.root, self.inputs, options, export_fallback)
         _restore_traced_attributes(self.root, model)
         propagate_shapes(self.graphs.train, self.inputs)
         propagate_shapes(self.graphs.eval, self.inputs)
@@ -148,7 +163,8 @@ def inspect(
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     concrete_args: Mapping[str, Any] | None = None,
-) -> Plan:
+    scope: str | Sequence[str] = "auto",
+) -> Plan | ScopePlan:
     """Where DIA and SSIA would go in ``model``: sites, groups, taps, parameter overhead.
 
     ``print(plan)`` shows it as tables; ``plan.to_dict()`` gives JSON-ready data. The model
@@ -160,14 +176,16 @@ def inspect(
         >>> len(plan.sites), [m.channels for m in plan.dia_modules]
         (16, [256, 512, 1024, 2048])
     """
-    prepared = _Prepared(
-        model,
-        example_inputs,
-        resolve_dia(dia),
-        resolve_ssia(ssia),
-        _trace_options(leaf_modules, autowrap_functions, concrete_args),
-    )
-    return prepared.train_plan
+    dia_cfg, ssia_cfg = resolve_dia(dia), resolve_ssia(ssia)
+    options = _trace_options(leaf_modules, autowrap_functions, concrete_args)
+    check_scope_argument(scope)
+    if scope == "auto":
+        try:
+            return _Prepared(model, example_inputs, dia_cfg, ssia_cfg, options).train_plan
+        except TraceError as whole:
+            return _scoped_plan(model, example_inputs, dia_cfg, ssia_cfg, options, scope,
+                                whole)[0]
+    return _scoped_plan(model, example_inputs, dia_cfg, ssia_cfg, options, scope, None)[0]
 
 
 def transform(
@@ -179,7 +197,8 @@ def transform(
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     concrete_args: Mapping[str, Any] | None = None,
-) -> AttentionGraphModule:
+    scope: str | Sequence[str] = "auto",
+) -> nn.Module:
     """Return a copy of ``model`` with DIA inserted and SSIA attached to its training graph.
 
     The result is a drop-in replacement: ``net(x)`` returns what ``model(x)`` returns, it
@@ -193,6 +212,11 @@ def transform(
         ssia: ``True`` (defaults), ``False``, or :class:`fxattn.SSIA` options.
         leaf_modules / autowrap_functions / concrete_args: tracing help, see
             :class:`fxattn.tracing.TraceOptions`.
+        scope: ``"auto"`` transforms the whole model when it can be captured, else the
+            largest capturable submodules that hold residual sites (a detector's backbone +
+            FPN); a module path (``"backbone"``) or a list of paths transforms just those
+            parts. A scoped result is a copy of ``model`` (its own class) with those parts
+            replaced; ``net.fxattn_scope`` says which and why (see :mod:`fxattn.scope`).
 
     Example::
 
@@ -201,7 +225,21 @@ def transform(
     """
     dia_cfg, ssia_cfg = resolve_dia(dia), resolve_ssia(ssia)
     options = _trace_options(leaf_modules, autowrap_functions, concrete_args)
-    prepared = _Prepared(model, example_inputs, dia_cfg, ssia_cfg, options)
+    check_scope_argument(scope)
+    if scope != "auto":
+        return _transform_scoped(model, example_inputs, dia_cfg, ssia_cfg, options, scope, None)
+    try:
+        prepared = _Prepared(model, example_inputs, dia_cfg, ssia_cfg, options)
+    except TraceError as whole:
+        return _transform_scoped(model, example_inputs, dia_cfg, ssia_cfg, options, "auto",
+                                 whole)
+    return _build(model, prepared, dia_cfg, ssia_cfg)
+
+
+def _build(
+    model: nn.Module, prepared: _Prepared, dia_cfg: DIA | None, ssia_cfg: SSIA | None
+) -> AttentionGraphModule:
+    """The transformed module from traced, analysed graphs (see :func:`transform`)."""
     plan, eval_plan = prepared.train_plan, prepared.eval_plan
     if dia_cfg is not None and not plan.sites:
         raise AnalysisError(
@@ -268,6 +306,99 @@ def _no_ssia_pair_message(name: str, plan: Plan) -> str:
     )
 
 
+def _scoped_plan(
+    model: nn.Module,
+    example_inputs: Any,
+    dia_cfg: DIA | None,
+    ssia_cfg: SSIA | None,
+    options: TraceOptions,
+    scope: str | Sequence[str],
+    whole: TraceError | None,
+) -> tuple[ScopePlan, nn.Module, list[Any]]:
+    """Capture, choose and prepare the parts (see :mod:`fxattn.scope`); nothing is built."""
+    _check_model(model)
+    inputs = ExampleInputs.from_user(example_inputs)
+    check_model_inputs(model, inputs)
+    root = copy.deepcopy(model)  # the parts are replaced in this copy, never in ``model``
+    seen = capture_calls(root, inputs)
+    skipped: list[tuple[str, str]] = []
+
+    def prepare(module: nn.Module, part_inputs: ExampleInputs, fallback: bool = True
+                ) -> _Prepared:
+        return _Prepared(module, part_inputs, dia_cfg, ssia_cfg, options, fallback)
+
+    if scope == "auto":
+        # torch.fx first: a failed torch.export capture costs seconds per submodule (a
+        # detector's RoI heads); the export-based capture only when torch.fx finds no part
+        candidates = choose_parts(root, seen, lambda m, i: prepare(m, i, False), skipped)
+        if not candidates:
+            skipped.clear()
+            candidates = choose_parts(root, seen, prepare, skipped)
+        if not candidates:
+            assert whole is not None
+            raise TraceError(
+                f"{whole} (no submodule that can be captured on its own holds a residual site "
+                "either; name the parts to transform with scope=[module paths])"
+            ) from whole
+    else:
+        candidates = explicit_parts(root, scope, seen)
+    prepared = []
+    for candidate in candidates:
+        ready = candidate.prepared or prepare(root.get_submodule(candidate.path),
+                                              candidate.inputs)
+        prepared.append((candidate, ready))
+    parts = [
+        ScopedPart(c.path, type(root.get_submodule(c.path)).__name__, c.reason, p.train_plan,
+                   c.inputs)
+        for c, p in prepared
+    ]
+    plan = ScopePlan(type(model).__name__, parts, skipped,
+                     whole_model=first_sentence(whole) if whole is not None else "",
+                     explicit=scope != "auto")
+    return plan, root, prepared
+
+
+def _transform_scoped(
+    model: nn.Module,
+    example_inputs: Any,
+    dia_cfg: DIA | None,
+    ssia_cfg: SSIA | None,
+    options: TraceOptions,
+    scope: str | Sequence[str],
+    whole: TraceError | None,
+) -> nn.Module:
+    """A copy of ``model`` whose scoped parts are transformed (see :mod:`fxattn.scope`)."""
+    plan, root, prepared = _scoped_plan(model, example_inputs, dia_cfg, ssia_cfg, options,
+                                        scope, whole)
+    with_ssia = []
+    for part, (candidate, ready) in zip(plan.parts, prepared, strict=True):
+        sub = root.get_submodule(candidate.path)
+        part_ssia = ssia_cfg if ready.train_plan.active_pairs else None
+        if ssia_cfg is not None and part_ssia is None:
+            part.reason += f"; no SSIA here ({len(ready.train_plan.taps)} tap(s), two needed)"
+        try:
+            net = _build(sub, ready, dia_cfg, part_ssia)
+        except AnalysisError as exc:
+            raise type(exc)(f"scope part {candidate.path!r}: {exc}") from exc
+        root.set_submodule(candidate.path, net)
+        with_ssia.append(part_ssia is not None)
+    if ssia_cfg is not None and not any(with_ssia):
+        raise AnalysisError(
+            f"SSIA needs two stage outputs to pair, found {len(plan.taps)} tap(s) in the "
+            f"scoped part(s) {', '.join(map(repr, plan.paths))} of {type(model).__name__}; "
+            "use ssia=False for this model"
+        )
+    info = ScopeInfo(
+        plan=plan,
+        dia=dia_cfg.to_dict() if dia_cfg else None,
+        ssia=ssia_cfg.to_dict() if ssia_cfg else None,
+        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+    )
+    setattr(root, SCOPE_ATTR, info)
+    root.train(model.training)
+    return root
+
+
 def _placement(root: nn.Module, inputs: ExampleInputs) -> tuple[torch.device, torch.dtype]:
     for tensor in list(root.parameters()) + list(root.buffers()):
         if tensor.is_floating_point():
@@ -303,6 +434,11 @@ def ssia_loss(net: nn.Module) -> torch.Tensor:
         SSIALossUnavailableError: no training forward since the module was made or switched
             to eval mode (eval forwards run no SSIA branch).
     """
+    info = scope_info(unwrap(net))
+    if info is not None and not info.stripped:  # a scoped model: the sum over its parts
+        module = unwrap(net)
+        losses = [ssia_loss(part) for _, part in parts_of(module, info)]
+        return torch.stack(losses).sum()
     module = _fxattn_module(net, "ssia_loss")
     ssia = getattr(module, SSIA_ROOT, None)
     if ssia is None:
@@ -340,12 +476,26 @@ def set_ssia_scale(net: nn.Module, scale: float) -> None:
     attach.state.scale = float(scale)
 
 
-def strip_ssia(net: nn.Module) -> fx.GraphModule:
+def strip_ssia(net: nn.Module) -> nn.Module:
     """The lean inference model: ``net``'s evaluation graph with DIA and without SSIA.
 
     Returns a new ``torch.fx.GraphModule`` in eval mode (``net`` is untouched) whose
     ``state_dict`` keys are the original model's plus ``fxattn_dia.*``; the strip report is
     in ``lean.meta["fxattn_strip"]``.
+
+    For a scoped model (a detector whose backbone was transformed) it returns a copy of the
+    model, of its own class, whose transformed parts are lean ``torch.fx.GraphModule``
+    s (``lean.backbone``); the rest (pre- and post-processing) is the original code, so
+    ``lean(images)`` returns the detector's own output. ``lean.fxattn_scope.stripped`` is
+    ``True``.
     """
+    info = scope_info(unwrap(net))
+    if info is not None:
+        if info.stripped:
+            raise NotTransformedError(
+                "strip_ssia needs a module returned by fxattn.transform; this scoped model "
+                "is already stripped (lean)"
+            )
+        return strip_scoped(unwrap(net), lambda part: strip_pass(part)[0])
     lean, _ = strip_pass(_fxattn_module(net, "strip_ssia"))
     return lean

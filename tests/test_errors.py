@@ -52,6 +52,33 @@ class TwoInputs(nn.Module):
         return self.fc(torch.cat([self.conv(image).mean((2, 3)), extra], 1))
 
 
+class Looped(nn.Module):
+    """Runs its block once per image of a list: a part that runs twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.block(i[None])[0] + i for i in images]
+
+
+class NeedsTargets(nn.Module):
+    """Like a torchvision detector: its training forward needs targets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, images: list[torch.Tensor], targets: Any = None) -> list[torch.Tensor]:
+        if self.training and targets is None:
+            raise ValueError("targets should not be none when in training mode")
+        return [self.conv(i[None]) for i in images]
+
+
+IMAGES = [torch.randn(3, 16, 16), torch.randn(3, 12, 16)]
+
+
 def fingerprint(model: nn.Module) -> tuple[list[tuple[str, type, bool]], list[bool]]:
     """Module tree with training flags, and which parameters hold a gradient."""
     return ([(name, type(m), m.training) for name, m in model.named_modules()],
@@ -114,6 +141,17 @@ API_CASES: list[Case] = [
      fxattn.InputError, ("empty batch", "at least 1")),
     ("inputs-too-many", small_resnet, lambda m: fxattn.transform(m, (X, X)),
      fxattn.InputError, ("2 positional inputs", "takes 1 ('x')")),
+    ("inputs-sample-count-mismatch", Looped,
+     lambda m: fxattn.inspect(m, (IMAGES, [{"labels": torch.tensor([1])}])),
+     fxattn.InputError, ("lists of 1 and 2 samples", "one entry per sample")),
+    ("inputs-missing-targets", NeedsTargets, lambda m: fxattn.transform(m, (IMAGES,)),
+     fxattn.InputError, ("in training mode", "targets should not be none", "(images, targets)")),
+    ("scope-unknown-path", small_resnet, lambda m: fxattn.transform(m, X, scope="backbone"),
+     fxattn.ConfigError, ("'backbone'", "not a submodule", "named_modules")),
+    ("scope-part-runs-twice", Looped, lambda m: fxattn.transform(m, (IMAGES,), scope="block"),
+     fxattn.ConfigError, ("'block'", "runs 2 time(s)", "Python loop")),
+    ("scope-not-paths", small_resnet, lambda m: fxattn.transform(m, X, scope=3),
+     fxattn.ConfigError, ("scope must be", "module path", "got 3")),
     ("inputs-unknown-keyword", TwoInputs,
      lambda m: fxattn.inspect(m, {"image": X, "side": torch.randn(2, 2)}, dia=False, ssia=False),
      fxattn.InputError, ("'side'", "'image', 'extra'")),
