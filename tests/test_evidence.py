@@ -1,0 +1,122 @@
+"""The evidence benchmark's own code (``benchmarks/evidence.py``; the full run is a benchmark).
+
+The data generators are deterministic, offline and give the stated shapes and balanced labels;
+one tiny training run per layout goes end to end through the script's own ``train_run``
+(training, strip, fp32 / int8 / int4 ONNX evaluated in onnxruntime, attention correlation) and
+reproduces itself exactly; the paired statistics match scipy's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import evidence  # noqa: E402
+import evidence_tasks  # noqa: E402
+from evidence_tasks import ClutterRecipe, cluttered_digits, mnist1d  # noqa: E402
+
+SMALL = ClutterRecipe(train_copies=1, eval_copies=1)
+
+
+def test_cluttered_digits_is_deterministic_with_the_stated_shapes() -> None:
+    first, second = cluttered_digits(SMALL), cluttered_digits(SMALL)
+    sizes = {name: len(y) for name, (_, y) in first.items()}
+    assert sum(sizes.values()) == 1797  # one canvas per source digit, every digit used once
+    assert sizes["test"] == round(1797 * SMALL.test_fraction)
+    for name, (x, y) in first.items():
+        assert x.shape == (len(y), 1, SMALL.canvas, SMALL.canvas) and x.dtype == torch.float32
+        assert set(y.tolist()) == set(range(10))
+        counts = torch.bincount(y, minlength=10)
+        assert counts.max() - counts.min() <= 3  # stratified split
+        torch.testing.assert_close(x, second[name][0], rtol=0, atol=0)
+        assert torch.equal(y, second[name][1])
+    train = first["train"][0]
+    torch.testing.assert_close(train.mean(), torch.tensor(0.0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(train.std(), torch.tensor(1.0), rtol=0, atol=1e-4)
+    other = cluttered_digits(replace(SMALL, seed=1))["train"][0]
+    assert not torch.equal(other[: len(train)][:10], train[:10])
+
+
+def test_mnist1d_is_generated_offline_deterministically(monkeypatch) -> None:
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("mnist1d tried to download")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    data, again = mnist1d(), mnist1d()
+    assert np.array_equal(np.random.get_state()[1], before)  # numpy's global state untouched
+    assert {k: tuple(x.shape) for k, (x, _) in data.items()} == {
+        "train": (1000, 1, 40), "val": (800, 1, 40), "test": (1000, 1, 40)}
+    for name, (x, y) in data.items():
+        assert set(y.tolist()) == set(range(10))
+        assert torch.equal(x, again[name][0]) and torch.equal(y, again[name][1])
+
+
+def _tiny(monkeypatch, name: str, data: dict) -> None:
+    """The script's task ``name`` on a small slice of its data, with a narrow network."""
+    small = {split: (x[:n], y[:n]) for (split, (x, y)), n in
+             zip(data.items(), (96, 64, 64), strict=True)}
+    monkeypatch.setitem(evidence_tasks.TASKS, name,
+                        replace(evidence_tasks.TASKS[name], widths=(8, 8, 16), batch=32))
+    monkeypatch.setattr(evidence, "task_data", lambda task: small)
+
+
+@pytest.mark.parametrize(("name", "arm"), [("cluttered", "dia+ssia"), ("mnist1d", "dia")])
+def test_one_tiny_run_end_to_end(monkeypatch, tmp_path: Path, name: str, arm: str) -> None:
+    data = cluttered_digits(SMALL) if name == "cluttered" else mnist1d()
+    _tiny(monkeypatch, name, data)
+    record = evidence.train_run(name, arm, 0, 0.05, 1, False, tmp_path)
+    assert json.loads(json.dumps(record)) == record  # what the cache stores
+    assert record["dia_sites"] == 6  # 3 stages x 2 blocks
+    if evidence.ARMS[arm]["ssia"] is not False:
+        assert record["ssia_pairs"] == 2
+    assert len(record["curves"]["val_acc"]) == 1 and 0 <= record["test_acc"] <= 1
+    onnx = record["onnx"]
+    assert set(onnx) == {"fp32", "int8", "int4"}
+    # the fp32 export scores what PyTorch scores (same predictions up to float noise)
+    assert abs(onnx["fp32"]["test_acc"] - record["test_acc"]) <= 1 / 64
+    assert onnx["fp32"]["verify_max_abs_error"] < 1e-4
+    assert onnx["int8"]["prediction_agreement"] >= 0.9
+    assert len(record["correlation"]["stages"]) == 3
+    again = evidence.train_run(name, arm, 0, 0.05, 1, False, tmp_path)
+    assert again["test_acc"] == record["test_acc"]
+    assert again["curves"] == record["curves"]  # deterministic, bit for bit
+
+
+def test_cbam_arm_puts_timm_cbam_in_every_block() -> None:
+    from timm.layers.cbam import CbamModule
+
+    task = replace(evidence_tasks.TASKS["cluttered"], widths=(8, 8, 16))
+    net = evidence.build(task, "cbam", 0, torch.randn(2, 1, 40, 40))
+    assert sum(isinstance(m, CbamModule) for m in net.modules()) == 6
+    base = evidence.build(task, "baseline", 0, torch.randn(2, 1, 40, 40))
+    shared = {k: v for k, v in base.state_dict().items() if "attention" not in k}
+    cbam = net.state_dict()
+    for key, value in shared.items():  # same base initialisation as the baseline's
+        torch.testing.assert_close(cbam[key], value, rtol=0, atol=0)
+
+
+def test_paired_statistics_match_scipy() -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.9, 0.01, 10)
+    arm = base + rng.normal(0.005, 0.004, 10)
+    result = evidence.paired(arm, base)
+    interval = stats.ttest_rel(arm, base).confidence_interval(0.95)
+    np.testing.assert_allclose(result["ci95"], [interval.low, interval.high], rtol=1e-10,
+                               atol=1e-12)
+    np.testing.assert_allclose(result["p"], stats.ttest_rel(arm, base).pvalue, rtol=1e-10)
+    adjusted = evidence.holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert adjusted == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
