@@ -36,7 +36,7 @@ class ClutterRecipe:
 
     canvas: int = 32            # canvas side (px)
     digit: int = 16             # the 8x8 digit is bilinearly upsampled to digit x digit
-    fragments: int = 4          # clutter fragments per canvas
+    fragments: int = 2          # clutter fragments per canvas
     fragment: int = 8           # side of a fragment cut from another upsampled digit
     noise: float = 0.1          # std of the i.i.d. Gaussian pixel noise (pixels in [0, 1])
     train_copies: int = 2       # canvases per training digit (new position and clutter each)
@@ -179,15 +179,18 @@ class Block(nn.Module):
 
 
 class ResidualCNN(nn.Module):
-    """Stem + ``len(widths)`` stages of ``blocks`` basic blocks (stride 2 from stage 2 on)."""
+    """Stem (conv, optionally a 2x max-pool as in ImageNet ResNets) + ``len(widths)`` stages
+    of ``blocks`` basic blocks (stride 2 from stage 2 on)."""
 
     def __init__(self, dim: int, widths: tuple[int, ...], blocks: int, stem_stride: int,
-                 in_channels: int = 1, num_classes: int = 10) -> None:
+                 stem_pool: bool = False, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
         conv, norm = (nn.Conv1d, nn.BatchNorm1d) if dim == 1 else (nn.Conv2d, nn.BatchNorm2d)
         pool = nn.AdaptiveAvgPool1d if dim == 1 else nn.AdaptiveAvgPool2d
+        max_pool = nn.MaxPool1d if dim == 1 else nn.MaxPool2d
         self.stem = nn.Sequential(conv(in_channels, widths[0], 3, stem_stride, 1, bias=False),
-                                  norm(widths[0]), nn.ReLU(inplace=True))
+                                  norm(widths[0]), nn.ReLU(inplace=True),
+                                  *([max_pool(2)] if stem_pool else []))
         stages, inplanes = [], widths[0]
         for i, planes in enumerate(widths):
             stride = 1 if i == 0 else 2
@@ -220,8 +223,9 @@ class Task:
     widths: tuple[int, ...]
     blocks: int
     stem_stride: int
+    stem_pool: bool
     epochs: int
-    batch: int = 128
+    batch: int = 64
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_grid: tuple[float, ...] = (0.03, 0.1, 0.3)
@@ -233,15 +237,15 @@ class Task:
         return (ClutterRecipe() if self.name == "cluttered" else Mnist1dRecipe()).describe()
 
     def model(self) -> ResidualCNN:
-        return ResidualCNN(self.dim, self.widths, self.blocks, self.stem_stride)
+        return ResidualCNN(self.dim, self.widths, self.blocks, self.stem_stride, self.stem_pool)
 
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "recipe": self.recipe()}
 
 
 TASKS = {
-    "cluttered": Task("cluttered", "Cluttered digits (40x40, 2-D residual CNN)", dim=2,
-                      widths=(16, 32, 64), blocks=2, stem_stride=2, epochs=12),
+    "cluttered": Task("cluttered", "Cluttered digits (32x32, 2-D residual CNN)", dim=2,
+                      widths=(8, 16, 32), blocks=2, stem_stride=2, stem_pool=False, epochs=10),
     "mnist1d": Task("mnist1d", "MNIST-1D (length 40, 1-D residual CNN)", dim=1,
-                    widths=(32, 64, 128), blocks=2, stem_stride=1, epochs=30),
+                    widths=(8, 16, 32), blocks=2, stem_stride=1, stem_pool=False, epochs=15),
 }
