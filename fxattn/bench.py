@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import Tolerance
 from .errors import ConfigError, InputError
 
 ENGINES = ("torch", "onnxruntime")
@@ -328,13 +329,15 @@ def _progress_bar(total: int, description: str, enabled: bool) -> Iterator[Calla
         yield lambda: bar.advance(task)
 
 
-def _export(name: str, module: nn.Module, path: Path, example: Any) -> ModelEntry:
+def _export(name: str, module: nn.Module, path: Path, example: Any,
+            tolerance: Tolerance) -> ModelEntry:
     import onnx
 
     from .onnx_export import export_onnx
     from .tracing import count_parameters
 
-    report = export_onnx(module, path, example)
+    report = export_onnx(module, path, example, atol=tolerance.atol, rtol=tolerance.rtol,
+                         float64_check=tolerance.float64_check)
     proto = onnx.load(str(path), load_external_data=False)
     return ModelEntry(
         name=name,
@@ -348,7 +351,8 @@ def _export(name: str, module: nn.Module, path: Path, example: Any) -> ModelEntr
     )
 
 
-def _lowp_variant(name: str, mode: str, lean: nn.Module, folder: Path, inputs: Any) -> ModelEntry:
+def _lowp_variant(name: str, mode: str, lean: nn.Module, folder: Path, inputs: Any,
+                  base: Tolerance) -> ModelEntry:
     """Copy ``lean.onnx``, apply ``mode`` (``int4``, ``int8+fold``, ``fp32+fold``...), verify."""
     import shutil
 
@@ -366,8 +370,9 @@ def _lowp_variant(name: str, mode: str, lean: nn.Module, folder: Path, inputs: A
     start = time.perf_counter()
     note = apply_dia_weights(path, precision, fold_state=option == "fold")
     seconds = time.perf_counter() - start
-    atol = tolerance(precision, 1e-4)
-    abs_err, _ = verify_onnx(str(path), lean, inputs, (2, 3), atol)
+    tol = tolerance(precision, base)
+    verification = verify_onnx(str(path), lean, inputs, (2, 3), tol)
+    abs_err = verification.max_abs_error
     proto = onnx.load(str(path))
     return ModelEntry(
         name=name,
@@ -377,7 +382,7 @@ def _lowp_variant(name: str, mode: str, lean: nn.Module, folder: Path, inputs: A
         onnx_mb=path.stat().st_size / 1e6,
         export_seconds=seconds,
         max_abs_error=abs_err,
-        note=f"{note}; max abs error vs PyTorch fp32 {abs_err:.2e} (tolerance {atol:g})",
+        note=f"{note}; vs PyTorch fp32: {verification.summary()}",
     )
 
 
@@ -398,6 +403,7 @@ def benchmark(
     progress: bool = True,
     title: str | None = None,
     command: str = "",
+    tolerance: Tolerance | None = None,
 ) -> BenchmarkResult:
     """Benchmark ``model`` (``original``) against its lean fxattn version (``lean``).
 
@@ -409,6 +415,7 @@ def benchmark(
     state, e.g. ``"fp32+fold"``, see :mod:`fxattn.lowp`) adds a lean onnxruntime model (its
     ``export s`` column is then the rewrite time) verified at that mode's tolerance. ONNX files
     go to ``out_dir`` (a temporary folder when ``None``). The result's baseline is ``original``.
+    ``tolerance`` is the export verification rule (:class:`fxattn.verify.Tolerance`).
     """
     from .tracing import ExampleInputs, count_parameters
     from .transform import strip_ssia, transform
@@ -445,13 +452,15 @@ def benchmark(
                 from .onnx_export import ort_session
 
                 for name, module in modules.items():
-                    entry = _export(name, module, folder / f"{name}.onnx", example_inputs)
+                    entry = _export(name, module, folder / f"{name}.onnx", example_inputs,
+                                    tolerance or Tolerance())
                     entry.transform_seconds = models[name].transform_seconds
                     models[name] = entry
                     sessions[name] = ort_session(str(folder / f"{name}.onnx"), threads=threads)
                 for mode in dia_weights:
                     name = f"lean-{mode}"
-                    models[name] = _lowp_variant(name, mode, lean, folder, inputs)
+                    models[name] = _lowp_variant(name, mode, lean, folder, inputs,
+                                                 tolerance or Tolerance())
                     sessions[name] = ort_session(str(folder / f"{name}.onnx"), threads=threads)
             latency = _measure(modules, sessions, inputs, engines, batch_sizes, runs, warmup,
                                progress)
@@ -604,6 +613,7 @@ def cli_bench(args: Any) -> int:
         model, example, dia=dia, ssia=ssia, batch_sizes=batches, threads=args.threads,
         runs=args.runs, warmup=args.warmup, engines=engines, dia_weights=modes,
         out_dir=args.out, progress=sys.stderr.isatty(),
+        tolerance=Tolerance(args.atol, args.rtol, not args.no_float64_check),
         title=f"{spec}: original vs lean (dia={bool(dia)}, ssia={bool(ssia)})",
         command="fxattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )

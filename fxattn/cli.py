@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .config import DEFAULT_ATOL, DEFAULT_RTOL
 from .errors import FxAttnError, ModelSpecError
 
 EXIT_USAGE = 2
@@ -99,6 +100,16 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
                        help="regex on module paths: these sites get no DIA (repeatable)")
     group.add_argument("--ssia-weight", type=_non_negative_float, default=1.0)
     group.add_argument("--ssia-map", choices=["spatial", "channel"], default="spatial")
+
+
+def _add_tolerance_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--atol", type=_non_negative_float, default=DEFAULT_ATOL,
+                        help="verification: absolute part of |ort - torch| <= atol + "
+                        f"rtol*|torch| (default {DEFAULT_ATOL:g})")
+    parser.add_argument("--rtol", type=_non_negative_float, default=DEFAULT_RTOL,
+                        help=f"verification: relative part (default {DEFAULT_RTOL:g})")
+    parser.add_argument("--no-float64-check", action="store_true",
+                        help="do not judge failing outputs against a float64 PyTorch run")
 
 
 def _methods(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -206,6 +217,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     with torch.no_grad():
         report = export_onnx(module, args.output, example, opset=args.opset,
                              exporter=args.exporter, verify=not args.no_verify, atol=args.atol,
+                             rtol=args.rtol, float64_check=not args.no_float64_check,
                              overwrite=args.force)
     print(report)
     if args.json:
@@ -267,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=_opset, default=None,
                    help="ONNX opset (default: the exporter's)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
-    p.add_argument("--atol", type=_non_negative_float, default=1e-4)
+    _add_tolerance_args(p)
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--json", help="also write the export report as JSON to this file")
     p.add_argument("--force", action=argparse.BooleanOptionalAction, default=True,
@@ -284,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-results", help="output folder")
     p.add_argument("--engines", default="torch,onnxruntime",
                    help="comma-separated engines to time: torch, onnxruntime")
+    _add_tolerance_args(p)
     p.add_argument("--dia-weights", default="",
                    help="also time lean ONNX models with DIA matrices stored as these "
                         "precisions, e.g. int4,int8,fp16 (onnxruntime only)")

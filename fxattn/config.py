@@ -7,6 +7,7 @@ it was made.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -111,6 +112,48 @@ class SSIA:
             raise ConfigError(f"SSIA token_taps must be an integer, got {self.token_taps!r}")
         if self.token_taps < 2:
             raise ConfigError(f"SSIA token_taps must be >= 2 to form a pair, got {self.token_taps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: Verification defaults of :func:`fxattn.export_onnx` (the evidence: :mod:`fxattn.verify`).
+DEFAULT_ATOL = 1e-6
+DEFAULT_RTOL = 1e-5
+DEFAULT_FLOAT64_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close onnxruntime must be to PyTorch (plain options, validated on construction).
+
+    Args:
+        atol: the absolute part (matters for elements near zero).
+        rtol: the relative part, times ``|pytorch|`` elementwise.
+        float64_check: when the rule fails, judge the error against PyTorch's own float32
+            rounding error measured with a float64 run (ill-conditioned outputs).
+        float64_factor: how many times PyTorch's float32 error onnxruntime may be off float64.
+    """
+
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+    float64_check: bool = True
+    float64_factor: float = DEFAULT_FLOAT64_FACTOR
+
+    def __post_init__(self) -> None:
+        for name in ("atol", "rtol", "float64_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
+        if self.atol == 0 and self.rtol == 0:
+            raise ConfigError("atol and rtol are both 0: give at least one a positive value")
+
+    def loosened(self, atol: float, rtol: float) -> Tolerance:
+        """The looser of this tolerance and ``(atol, rtol)`` (low-precision DIA weights)."""
+        return Tolerance(max(self.atol, atol), max(self.rtol, rtol), self.float64_check,
+                         self.float64_factor)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

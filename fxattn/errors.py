@@ -6,6 +6,8 @@ because the user usually did not write the model that failed.
 
 from __future__ import annotations
 
+import re
+
 
 class FxAttnError(Exception):
     """Base class of every error fxattn raises on purpose."""
@@ -53,3 +55,13 @@ class ModelSpecError(FxAttnError):
 
 class CheckpointError(FxAttnError):
     """A saved fxattn file is missing, truncated, corrupt or unsafe to load."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without terminal colour codes.
+
+    Third-party errors (the ONNX exporter's, torch.export's) can run to pages; fxattn's own
+    messages quote one line of them.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

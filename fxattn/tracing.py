@@ -42,7 +42,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
-from .errors import InputError, TraceError
+from .errors import InputError, TraceError, first_line
 
 # --------------------------------------------------------------------------- zoo registries
 
@@ -345,7 +345,7 @@ def trace_dual(
                     )
                 raise TraceError(
                     f"{fx_error} (the torch.export fallback failed too: "
-                    f"{_first_line(export_error)}{hint})"
+                    f"{first_line(export_error)}{hint})"
                 ) from fx_error
 
 
@@ -472,11 +472,6 @@ def _fetch_attr(root: Any, target: str) -> Any:
     for atom in target.split("."):
         value = getattr(value, atom)
     return value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_concrete_args(model: nn.Module, concrete_args: Mapping[str, Any] | None) -> None:

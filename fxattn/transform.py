@@ -169,10 +169,7 @@ def transform(
             "use dia=False"
         )
     if ssia_cfg is not None and not plan.active_pairs:
-        raise AnalysisError(
-            f"SSIA needs two stage outputs to pair, found {len(plan.taps)} tap(s) in "
-            f"{type(model).__name__}; use ssia=False for this model"
-        )
+        raise AnalysisError(_no_ssia_pair_message(type(model).__name__, plan))
     root = prepared.root
     train_graph = prepared.graphs.train.graph
     eval_graph = prepared.graphs.eval.graph
@@ -210,6 +207,21 @@ def transform(
                                class_name=f"FxAttn{type(model).__name__}")
     net.train(model.training)
     return net
+
+
+def _no_ssia_pair_message(name: str, plan: Plan) -> str:
+    """What the taps were and why none of them pairs: too few, or every pair skipped."""
+    if len(plan.taps) < 2:
+        found = ", ".join(f"{t.node} {t.layout} {tuple(t.shape)}" for t in plan.taps) or "none"
+        return (
+            f"SSIA needs at least two stage outputs (taps) to pair; {name} has "
+            f"{len(plan.taps)} on its main path ({found}); use ssia=False for this model"
+        )
+    reasons = "; ".join(f"{p.low}->{p.high}: {p.skipped}" for p in plan.pairs)
+    return (
+        f"SSIA found {len(plan.taps)} taps in {name} but no pair of them can be compared "
+        f"({reasons}); use ssia=False for this model"
+    )
 
 
 def _placement(root: nn.Module, inputs: ExampleInputs) -> tuple[torch.device, torch.dtype]:

@@ -110,3 +110,38 @@ class PlainMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, dims: int, channels: int) -> None:
+        super().__init__()
+        self.conv = _CONV[dims](channels, channels, 3, padding=1, bias=False)
+        self.bn = _NORM[dims](channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn(self.conv(x)))
+
+
+class ResidualCNN(nn.Module):
+    """A tiny residual CNN over ``dims`` spatial dims: ``(B, C, L)`` signals (dims=1) or
+    ``(B, C, T, H, W)`` clips (dims=3). Three stages, each halving every spatial dim."""
+
+    def __init__(self, dims: int, width: int = 8, num_classes: int = 5) -> None:
+        super().__init__()
+        conv = _CONV[dims]
+        self.stem = conv(2, width, 3, padding=1)
+        stages = []
+        for i in range(3):
+            c_in, c_out = width * 2 ** max(i - 1, 0), width * 2**i
+            down = conv(c_in, c_out, 3, stride=2 if i else 1, padding=1)
+            stages.append(nn.Sequential(down, _ResidualBlock(dims, c_out)))
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(width * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.stages(torch.relu(self.stem(x)))
+        return self.head(features.flatten(2).mean(-1))

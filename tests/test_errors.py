@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -129,7 +130,7 @@ API_CASES: list[Case] = [
     ("no-dia-site", PlainMLP, lambda m: fxattn.transform(m, torch.randn(2, 16)),
      fxattn.AnalysisError, ("no DIA site", "PlainMLP", "include", "dia=False")),
     ("no-ssia-taps", PlainMLP, lambda m: fxattn.transform(m, torch.randn(2, 16), dia=False),
-     fxattn.AnalysisError, ("SSIA needs two", "ssia=False")),
+     fxattn.AnalysisError, ("SSIA needs at least two stage outputs", "has 0", "ssia=False")),
     ("include-matches-nothing", small_resnet,
      lambda m: fxattn.transform(m, X, dia=fxattn.DIA(include=["^nowhere$"])),
      fxattn.AnalysisError, ("no DIA site",)),
@@ -247,6 +248,7 @@ DEDICATED_TESTS = {
     "export-existing-replaced": "test_existing_file_is_replaced_atomically_by_default",
     "verification-mismatch":
         "test_verification_mismatch_names_output_and_error_and_writes_nothing",
+    "verification-nondeterministic": "test_a_forward_that_adds_fresh_noise_fails_as_such",
     "export-interrupted": "test_interrupted_export_leaves_no_partial_file",
     "save-failed-midway": "test_failed_save_leaves_no_partial_file",
     "load-would-run-code": "test_loading_never_runs_code_from_the_file",
@@ -295,6 +297,14 @@ def _export_bad_atol(lean: nn.Module, tmp_path: Path) -> None:
     export_onnx(lean, tmp_path / "model.onnx", X, atol=float("nan"))
 
 
+def _export_bad_rtol(lean: nn.Module, tmp_path: Path) -> None:
+    export_onnx(lean, tmp_path / "model.onnx", X, rtol=-1e-4)
+
+
+def _export_zero_tolerance(lean: nn.Module, tmp_path: Path) -> None:
+    export_onnx(lean, tmp_path / "model.onnx", X, atol=0.0, rtol=0.0)
+
+
 def _export_bad_exporter(lean: nn.Module, tmp_path: Path) -> None:
     export_onnx(lean, tmp_path / "model.onnx", X, exporter="tensorrt")
 
@@ -334,6 +344,8 @@ FILE_CASES: dict[str, tuple[Callable[[nn.Module, Path], None], type[Exception], 
     "save-foreign-module": (_save_foreign_module, fxattn.CheckpointError, "fxattn.transform"),
     "export-not-a-module": (_export_not_a_module, fxattn.InputError, "nn.Module"),
     "export-bad-atol": (_export_bad_atol, fxattn.ExportError, "atol"),
+    "export-bad-rtol": (_export_bad_rtol, fxattn.ExportError, "rtol"),
+    "export-zero-tolerance": (_export_zero_tolerance, fxattn.ExportError, "both 0"),
     "export-unknown-exporter": (_export_bad_exporter, fxattn.ExportError, "'tensorrt'"),
     "export-wrong-inputs": (_export_wrong_inputs, fxattn.InputError,
                             "cannot run on the example inputs .*3 channels"),
@@ -422,16 +434,35 @@ def test_model_with_external_data_lands_beside_target_and_loads(
     }
     assert locations == {"model.onnx.data"}
     report_again = onnx_export.verify_onnx(str(target), lean, ExampleInputs.from_user(X),
-                                           atol=report.atol)
-    assert report_again[0] <= report.atol
+                                           tolerance=report.verification.tolerance)
+    assert report_again.passed and report_again.max_abs_error == report.max_abs_error
+
+
+def test_a_forward_that_adds_fresh_noise_fails_as_such(tmp_path: Path) -> None:
+    """A forward drawing new noise each call can never match its export: the error says that
+    PyTorch disagrees with itself (not that the tolerance is too tight), and nothing is written."""
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) + 1e-2 * torch.randn_like(x[:, :4])
+
+    with pytest.raises(fxattn.VerificationError, match="different values for the same inputs"):
+        export_onnx(Noisy().eval(), tmp_path / "noisy.onnx", torch.randn(2, 8))
+    assert folder_state(tmp_path) == {}
 
 
 def test_verification_mismatch_names_output_and_error_and_writes_nothing(
     lean: torch.fx.GraphModule, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """onnxruntime made to disagree (its outputs shifted by 0.5): VerificationError with the
-    max error and the first diverging output; no file, and an existing file keeps its bytes."""
-    real_session = onnx_export.ort_session
+    """onnxruntime made to disagree (its outputs shifted by 0.5): VerificationError naming the
+    worst element with its errors and the rule; no file, and an existing file keeps its bytes."""
+    import fxattn.verify as verify
+
+    real_session = verify.ort_session
 
     class Shifted:
         def __init__(self, path: str) -> None:
@@ -440,17 +471,21 @@ def test_verification_mismatch_names_output_and_error_and_writes_nothing(
         def get_inputs(self) -> Any:
             return self.session.get_inputs()
 
+        def get_outputs(self) -> Any:
+            return self.session.get_outputs()
+
         def run(self, names: Any, feed: dict[str, Any]) -> list[Any]:
             return [out + 0.5 for out in self.session.run(names, feed)]
 
-    monkeypatch.setattr(onnx_export, "ort_session", Shifted)
+    monkeypatch.setattr(verify, "ort_session", Shifted)
     target = tmp_path / "model.onnx"
     target.write_bytes(b"old bytes")
     with pytest.raises(fxattn.VerificationError) as info:
         export_onnx(lean, target, X, atol=1e-4)
     message = str(info.value)
-    assert "output 0 at batch 2" in message
-    assert "max abs error 5.000e-01" in message and "tolerance 0.0001" in message
+    assert re.search(r"output 0 \(\w+\) at batch \d, element \(\d+, \d+\)", message)
+    assert "abs error 5.000e-01" in message and "atol 0.0001, rtol 0.0001" in message
+    assert "not rounding" in message  # the float64 check ran and did not forgive it
     assert folder_state(tmp_path) == {"model.onnx": b"old bytes"}
 
 

@@ -6,11 +6,14 @@ For a feature map ``F`` with channels on ``channel_dim`` the implicit attention 
 
 and each lower tap ``s`` is pulled towards its supervising (higher) tap::
 
-    target_s = normalize_L2( resize( stopgrad(map(F_high)) ) to F_s's grid )
+    target_s = normalize_L2( resize( stopgrad(map(F_high)) ) to F_s's grid )  # (tri/bi)linear
     L_ssia   = weight * sum_s mean_b || map(F_s) - target_s ||^2
 
-The target is normalised again after the bilinear resize so both sides are unit vectors (a
-resize changes the number of positions and so the norm). ``map="channel"`` compares
+The map lives on the tap's grid: ``(L,)`` for 1-D feature maps ``(B, C, L)``, ``(H, W)`` for
+images (channel-first or channels-last) and square token grids, ``(T, H, W)`` for video
+``(B, C, T, H, W)``; the resize is linear, bilinear or trilinear accordingly. The target is
+normalised again after the resize so both sides are unit vectors (a resize changes the number
+of positions and so the norm). ``map="channel"`` compares
 normalised channel descriptors ``GAP(F)`` instead, through a training-only linear projection
 from the higher tap's channels to the lower's.
 
@@ -64,6 +67,10 @@ def channel_descriptor(feature: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return feature.mean(dim=dims) if dims else feature
 
 
+# How a map is resized to a lower tap's grid, by the grid's rank: (L,), (H, W), (T, H, W).
+_RESIZE_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.flatten(1), dim=1)
 
@@ -82,8 +89,8 @@ class TapMap(nn.Module):
             return channel_descriptor(feature, self.tap.channel_dim)
         m = attention_map(feature, self.tap.channel_dim, self.p, self.tap.skip_tokens)
         grid = self.tap.grid
-        if grid is not None and m.dim() == 2 and len(grid) == 2:
-            m = m.reshape(m.shape[0], *grid)
+        if grid is not None and m.dim() - 1 != len(grid):
+            m = m.reshape(m.shape[0], *grid)  # tokens (B, N) -> their square grid (B, H, W)
         return m
 
     def extra_repr(self) -> str:
@@ -126,7 +133,8 @@ class SSIALoss(nn.Module):
             grid = self.taps[pair.low].grid
             if pair.resize and grid is not None:
                 teacher = F.interpolate(
-                    teacher.unsqueeze(1), size=grid, mode="bilinear", align_corners=False
+                    teacher.unsqueeze(1), size=grid, mode=_RESIZE_MODES[len(grid)],
+                    align_corners=False,
                 ).squeeze(1)
         return (_unit(low) - _unit(teacher)).pow(2).sum(dim=1).mean()
 
