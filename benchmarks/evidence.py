@@ -404,7 +404,14 @@ def task_markdown(summary: dict[str, Any]) -> list[str]:
         f"arm): {task['epochs']} epochs, batch {task['batch']}, SGD + Nesterov (momentum "
         f"{task['momentum']}, weight decay {task['weight_decay']}), cosine schedule, lr "
         f"{summary['lr']:g} chosen on the baseline by validation accuracy (sweep, seeds "
-        f"{list(SWEEP_SEEDS)}: {sweep}). {n} seeds per arm; test accuracy of the final epoch.",
+        f"{list(SWEEP_SEEDS)}: {sweep}"
+        + ("; the best is the largest lr of the grid" if summary["lr"] == max(
+            float(k) for k in summary["lr_sweep_val_acc"]) else "")
+        + f"). {n} seeds per "
+        f"arm ({base['seeds']}"
+        + (f", of the {len(summary['seeds_planned'])} planned: the run was cut short"
+           if n < len(summary.get("seeds_planned", base["seeds"])) else "")
+        + "); test accuracy of the final epoch.",
         "",
         "| arm | test acc. (%) mean ± std | Δ vs baseline (pp) [95% CI] | Holm p | "
         "significant | params (deployed) | ORT p50 (ms) | attention r |",
@@ -512,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="skip the sweep (smoke runs)")
     parser.add_argument("--workers", type=int, default=2, help="processes (1 thread each)")
     parser.add_argument("--latency-runs", type=int, default=300)
+    parser.add_argument("--report-only", action="store_true", help="train nothing: report "
+                        "the seeds whose runs are all cached (an interrupted run)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--cache", type=Path, default=Path("out/evidence-cache"),
                         help="checkpoints and ONNX files (not committed)")
@@ -532,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                  run_path(runs, t.name, "baseline", seed, lr), args.cache)
                 for t in tasks.values() for lr in t.lr_grid for seed in SWEEP_SEEDS
                 if _load(run_path(runs, t.name, "baseline", seed, lr), lr, t.epochs) is None]
-        run_jobs(jobs, args.workers, _estimate(runs, jobs, args.workers))
+        if not args.report_only:
+            run_jobs(jobs, args.workers, _estimate(runs, jobs, args.workers))
         for t in tasks.values():
             sweeps[t.name] = [_load(run_path(runs, t.name, "baseline", s, lr), lr, t.epochs)
                               for lr in t.lr_grid for s in SWEEP_SEEDS]
@@ -554,15 +564,27 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(t.name, arm, seed, lrs[t.name], t.epochs, False,
              run_path(runs, t.name, arm, seed), args.cache) for t, arm, seed in plan
             if _load(run_path(runs, t.name, arm, seed), lrs[t.name], t.epochs) is None]
-    run_jobs(jobs, args.workers, _estimate(runs, jobs, args.workers))
+    if not args.report_only:
+        run_jobs(jobs, args.workers, _estimate(runs, jobs, args.workers))
 
-    # 3. latency of the seed's exports, statistics, tables, figures
-    summaries, all_records = {}, {}
+    # 3. latency of the seed's exports, statistics, tables, figures (complete seeds only)
+    summaries, incomplete = {}, {}
     for t in tasks.values():
-        records = [_load(run_path(runs, t.name, arm, seed), lrs[t.name], t.epochs)
-                   for tt, arm, seed in plan if tt is t]
         arms = [arm for arm in args.arms if arm in arms_for(t) and arm not in not_run[t.name]]
-        if args.latency_runs == 0 or LATENCY_SEED not in args.seeds or not all(
+        cached = {(arm, seed): _load(run_path(runs, t.name, arm, seed), lrs[t.name], t.epochs)
+                  for tt, arm, seed in plan if tt is t}
+        seeds = [s for s in args.seeds if all(cached[a, s] is not None for a in arms)]
+        if len(seeds) < 2:
+            done = sorted(f"{a} s{s}" for (a, s), r in cached.items() if r is not None)
+            incomplete[t.name] = {"title": t.title, "lr": lrs[t.name],
+                                  "lr_sweep_val_acc": {f"{r['lr']:g}": [r["val_acc"]]
+                                                       for r in sweeps[t.name]},
+                                  "complete_seeds": seeds, "runs_done": done,
+                                  "runs_planned": len(cached)}
+            print(f"{t.name}: {len(seeds)} complete seed(s) - no statistics")
+            continue
+        records = [cached[a, s] for a in arms for s in seeds]
+        if args.latency_runs == 0 or LATENCY_SEED not in seeds or not all(
                 (args.cache / f"{t.name}_{_slug(a)}_s{LATENCY_SEED}_fp32.onnx").exists()
                 for a in arms):
             print(f"{t.name}: latency not measured (--latency-runs 0, or the seed-"
@@ -572,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             latency = measure_latency(t, arms, args.cache, args.latency_runs)
         summaries[t.name] = summarise(t, records, sweeps[t.name], lrs[t.name], latency)
         summaries[t.name]["not_run"] = not_run[t.name]
-        all_records[t.name] = records
+        summaries[t.name]["seeds_planned"] = args.seeds
         plot_task(summaries[t.name], records, args.out / f"evidence_{t.name}.png")
     load_end = os.getloadavg()
     machine = {"cpus": os.cpu_count(), "loadavg_start": list(load_start),
@@ -586,13 +608,22 @@ def main(argv: list[str] | None = None) -> int:
              "changes only their time). Significance: paired t-test by seed, Holm-corrected "
              "over the arms of a task, p < 0.05; the CI is the paired difference's two-sided "
              "95% t-interval.", "", "## Verdict", "", *verdict_lines(summaries), ""]
+    for name, info in incomplete.items():
+        lines.insert(-1, f"- **{info['title']}**: not finished - {len(info['runs_done'])} of "
+                     f"{info['runs_planned']} runs done ({', '.join(info['runs_done']) or 'none'}"
+                     f"), {len(info['complete_seeds'])} complete seed(s): no statistics. lr "
+                     f"{info['lr']:g} from the baseline sweep (validation accuracy " + ", ".join(
+                         f"lr {k}: {np.mean(v) * 100:.1f}%"
+                         for k, v in info["lr_sweep_val_acc"].items())
+                     + f"). Resume with `python benchmarks/evidence.py --tasks {name}`.")
     for summary in summaries.values():
         lines += task_markdown(summary)
     text = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "evidence.json").write_text(json.dumps(
         {"command": command, "machine": machine, "seeds": args.seeds,
-         "sweep_seeds": list(SWEEP_SEEDS), "tasks": summaries}, indent=1))
+         "sweep_seeds": list(SWEEP_SEEDS), "tasks": summaries, "incomplete": incomplete},
+        indent=1))
     (args.out / "evidence.md").write_text(text + "\n")
     print(text)
     print(f"done in {time.perf_counter() - start:.0f} s; results in {args.out}")
