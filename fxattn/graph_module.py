@@ -38,7 +38,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-
 from torch.fx.graph_module import (  # fx's own pickling machinery, reused for two graphs
     _deserialize_graph_module,
     _format_import_block,

@@ -33,8 +33,8 @@ from .graph_module import (
     interface_class,
     unwrap,
 )
-from .modules.dia import DIALSTMCell, SharedSE, build_dia_module
 from .modules.attach import SSIAAttach
+from .modules.dia import DIALSTMCell, SharedSE, build_dia_module
 from .modules.ssia import PairSpec, SSIALoss, TapSpec
 from .passes import insert_dia, insert_ssia, strip_pass
 from .tracing import (
