@@ -198,18 +198,20 @@ def test_lightning_step_matches_explicit_loss(tmp_path: Path, accumulate: int) -
 
 
 def test_lightning_checkpoint_resume_and_export(tmp_path: Path) -> None:
-    batches = _image_batches(4)
+    # epochs of 2 steps; resume at the epoch boundary (Lightning restarts an epoch it resumes
+    # in the middle of, unless the dataloader is resumable)
+    loader = _loader(_image_batches(2))
     full = _lightning_module(_tv_resnet(attach=True))
-    _lightning_trainer(tmp_path / "a", max_steps=4).fit(full, train_dataloaders=_loader(batches))
+    _lightning_trainer(tmp_path / "a", max_epochs=2).fit(full, train_dataloaders=loader)
 
     first = _lightning_module(_tv_resnet(attach=True))
-    trainer = _lightning_trainer(tmp_path / "b", max_steps=2)
-    trainer.fit(first, train_dataloaders=_loader(batches))
-    ckpt = tmp_path / "two.ckpt"
+    trainer = _lightning_trainer(tmp_path / "b", max_epochs=1)
+    trainer.fit(first, train_dataloaders=loader)
+    ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(str(ckpt))
     resumed = _lightning_module(_tv_resnet(attach=True))
-    _lightning_trainer(tmp_path / "c", max_steps=4).fit(
-        resumed, train_dataloaders=_loader(batches), ckpt_path=str(ckpt))
+    _lightning_trainer(tmp_path / "c", max_epochs=2).fit(
+        resumed, train_dataloaders=loader, ckpt_path=str(ckpt))
     _assert_same_parameters(resumed.net, full.net)
 
     lean = fxattn.strip_ssia(resumed.net)

@@ -11,6 +11,7 @@ import copy
 import io
 from typing import Any
 
+import pytest
 import torch
 from models import CifarResNet
 from torch import nn
@@ -118,3 +119,18 @@ def test_deepcopy_and_pickle_round_trip() -> None:
             torch.testing.assert_close(lean(x), fxattn.strip_ssia(net)(x), rtol=0, atol=0)
         assert lean.meta["fxattn_strip"].dia_nodes == fxattn.strip_ssia(net).meta[
             "fxattn_strip"].dia_nodes
+
+
+class Loops(CifarResNet):
+    def forward(self, x: Any) -> Any:
+        if isinstance(x, dict):
+            return self(x)  # never reaches the traced structure
+        return super().forward(x)
+
+
+def test_original_dispatch_that_never_reaches_the_graph_is_refused() -> None:
+    torch.manual_seed(0)
+    net = fxattn.transform(Loops(depth=11, num_classes=10), example())
+    with pytest.raises(fxattn.InputError, match="traced with"):
+        net({"img": batch(0)[0]})
+    assert net(batch(0)[0]).shape == (8, 10)  # the guard was reset
