@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -135,36 +136,57 @@ def accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -
     return float((predictions == labels).float().mean())
 
 
+def fit(net: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, *, epochs: int,
+        batch: int, lr: float, momentum: float, weight_decay: float,
+        generator: torch.Generator,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        evaluate: Callable[[], float] | None = None) -> dict[str, list[float]]:
+    """Train ``net`` in place: SGD + Nesterov, cosine schedule, task loss + ``ssia_loss``.
+
+    ``generator`` draws the batch order (and the augmentation), so two arms trained with the
+    same seed see the same batches. ``evaluate`` (e.g. held-out accuracy) runs after every
+    epoch. Returns the per-epoch curves (``train_loss``, ``ssia_loss``, ``eval_acc``).
+    """
+    steps_per_epoch = -(-len(train_x) // batch)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay, nesterov=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    curves: dict[str, list[float]] = {"train_loss": [], "ssia_loss": [], "eval_acc": []}
+    for _ in range(epochs):
+        net.train()
+        order = torch.randperm(len(train_x), generator=generator)
+        task_sum = ssia_sum = 0.0
+        for index in order.split(batch):
+            images = train_x[index]
+            if augment is not None:
+                images = augment(images, generator)
+            optimizer.zero_grad(set_to_none=True)
+            task = F.cross_entropy(net(images), train_y[index])
+            aux = fxattn.ssia_loss(net)
+            (task + aux).backward()
+            optimizer.step()
+            schedule.step()
+            task_sum += task.item() * len(index)
+            ssia_sum += aux.item() * len(index)
+        curves["train_loss"].append(task_sum / len(train_x))
+        curves["ssia_loss"].append(ssia_sum / len(train_x))
+        if evaluate is not None:
+            curves["eval_acc"].append(evaluate())
+    return curves
+
+
 def train_run(arm: str, seed: int, cfg: Config, cache: Path) -> dict[str, Any]:
     """Train one (arm, seed); save the checkpoint and return the run record."""
     torch.set_num_threads(1)
     train_x, train_y, test_x, test_y = load_data(cfg)
     net = build(arm, seed, train_x[:2])
-    steps_per_epoch = -(-len(train_x) // cfg.batch)
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=True)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer,
-                                                          cfg.epochs * steps_per_epoch)
-    data_rng = torch.Generator().manual_seed(seed)
-    curves: dict[str, list[float]] = {"train_loss": [], "ssia_loss": [], "test_acc": []}
     start = time.perf_counter()
-    for _ in range(cfg.epochs):
-        net.train()
-        order = torch.randperm(len(train_x), generator=data_rng)
-        task_sum = ssia_sum = 0.0
-        for batch in order.split(cfg.batch):
-            images = random_shift(train_x[batch], cfg.shift, data_rng)
-            optimizer.zero_grad(set_to_none=True)
-            task = F.cross_entropy(net(images), train_y[batch])
-            aux = fxattn.ssia_loss(net)
-            (task + aux).backward()
-            optimizer.step()
-            schedule.step()
-            task_sum += task.item() * len(batch)
-            ssia_sum += aux.item() * len(batch)
-        curves["train_loss"].append(task_sum / len(train_x))
-        curves["ssia_loss"].append(ssia_sum / len(train_x))
-        curves["test_acc"].append(accuracy(net, test_x, test_y))
+    curves = fit(net, train_x, train_y, epochs=cfg.epochs, batch=cfg.batch, lr=cfg.lr,
+                 momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                 generator=torch.Generator().manual_seed(seed),
+                 augment=lambda images, rng: random_shift(images, cfg.shift, rng),
+                 evaluate=lambda: accuracy(net, test_x, test_y))
+    curves["test_acc"] = curves.pop("eval_acc")
     seconds = time.perf_counter() - start
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), cache / f"{arm}_s{seed}.pt")

@@ -20,6 +20,8 @@ SECTIONS: list[tuple[str, str, str | None]] = [
     ("Latency and training targets (ResNet-50, onnxruntime CPU, 2 threads)",
      "latency_notes.md", "Verdicts at a glance"),
     ("Accuracy: ResNet-20 on scikit-learn digits", "accuracy.md", None),
+    ("Evidence: DIA and SSIA on tasks with headroom (cluttered digits, MNIST-1D)",
+     "evidence.md", None),
     ("DIA across backbone families", "families.md", None),
     ("Zoo coverage", "zoo.md", "Summary"),
 ]

@@ -46,6 +46,7 @@ from torch.fx.graph_module import (  # fx's own pickling machinery, reused for t
 from torch.package import sys_importer
 
 from .analysis import Plan
+from .errors import InputError
 
 DIA_ROOT = "fxattn_dia"
 SSIA_ROOT = "fxattn_ssia"
@@ -128,13 +129,13 @@ class AttentionGraphModule(fx.GraphModule):
             if name not in _OWN_ATTRIBUTES and name not in self.__dict__:
                 self.__dict__[name] = value
 
-    def forward_base(self, *args: Any, **kwargs: Any) -> Any:
+    def fxattn_original_forward(self, *args: Any, **kwargs: Any) -> Any:
         """The original class's ``forward`` run on this module (its dispatch, our graph)."""
         base = getattr(type(self), "_fxattn_base", None)
         if base is None:
-            raise TypeError("this fxattn module does not derive from its original class")
+            raise InputError("this fxattn module does not derive from its original class")
         if self.__dict__.get("_fxattn_in_base_forward"):
-            raise TypeError(
+            raise InputError(
                 f"{base.__name__}.forward called itself with inputs of a structure the "
                 "transformed graph was not traced with; call it with the traced structure"
             )
@@ -328,7 +329,7 @@ def _dispatching(graph_forward: Callable[..., Any]) -> Callable[..., Any]:
         expects = self.__dict__.get("_fxattn_tensor_inputs", ())
         if any(i < len(expects) and expects[i] and _is_container(arg)
                for i, arg in enumerate(args)):
-            return self.forward_base(*args, **kwargs)
+            return self.fxattn_original_forward(*args, **kwargs)
         if kwargs and not kwargs.keys() <= graph_params:
             named, swallowed = _named_or_swallowed(type(self)._fxattn_base)
             kwargs = {k: v for k, v in kwargs.items() if k in graph_params or k in named

@@ -71,10 +71,17 @@ def _attr(node: Any, name: str, default: Any) -> Any:
     return default
 
 
+def is_dia_name(name: str, prefix: str = DIA_PREFIX) -> bool:
+    """``prefix`` starts the name or one of its dotted components: the dynamo exporter keeps
+    the module's own parameter names (``fxattn_dia.g0...``), the TorchScript exporter names
+    them after the export wrapper's attribute (``inner.fxattn_dia.g0...``)."""
+    return name.startswith(prefix) or f".{prefix}" in name
+
+
 def dia_matrix_names(model: Any, prefix: str = DIA_PREFIX) -> list[str]:
-    """Names of the 2-D initializers (matrices) whose name starts with ``prefix``."""
+    """Names of the 2-D initializers (matrices) that are DIA parameters (:func:`is_dia_name`)."""
     return [i.name for i in model.graph.initializer
-            if i.name.startswith(prefix) and len(i.dims) == 2]
+            if is_dia_name(i.name, prefix) and len(i.dims) == 2]
 
 
 def gemm_to_matmul(model: Any, prefix: str = DIA_PREFIX) -> int:
@@ -93,7 +100,7 @@ def gemm_to_matmul(model: Any, prefix: str = DIA_PREFIX) -> int:
     for index, node in enumerate(model.graph.node):
         weight = node.input[1] if node.op_type == "Gemm" and len(node.input) > 1 else ""
         plain = (
-            weight.startswith(prefix)
+            is_dia_name(weight, prefix)
             and weight in inits
             and _attr(node, "alpha", 1.0) == 1.0
             and _attr(node, "beta", 1.0) == 1.0
@@ -163,7 +170,7 @@ def quantize_dia_nbits(
     gemm_to_matmul(model, prefix)
     targets = [
         node.name for node in model.graph.node
-        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1].startswith(prefix)
+        if node.op_type == "MatMul" and len(node.input) > 1 and is_dia_name(node.input[1], prefix)
     ]
     if not targets:
         raise ExportError(f"no DIA matrices (initializers named {prefix}*) to quantise; "

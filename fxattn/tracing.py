@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.graph import _PyTreeCodeGen
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
@@ -733,6 +734,22 @@ def _graph_inputs(gm: fx.GraphModule, inputs: ExampleInputs) -> list[Any]:
     return inputs.placeholder_values(gm.graph)
 
 
+def _mutable_literals(value: Any) -> Any:
+    """Plain lists and dicts in place of fx's ``immutable_list`` / ``immutable_dict``.
+
+    The generated ``forward`` writes a list argument as a fresh literal on every call, so a
+    callee may mutate it (torchvision's ``shifted_window_attention_3d`` adjusts its
+    ``window_size`` in place); ``fx.Interpreter`` passes the graph's immutable copies instead,
+    and such a callee would fail under shape propagation only.
+    """
+    if isinstance(value, immutable_list) or type(value) is tuple:
+        items = [_mutable_literals(v) for v in value]
+        return items if isinstance(value, immutable_list) else tuple(items)
+    if isinstance(value, immutable_dict):
+        return {k: _mutable_literals(v) for k, v in value.items()}
+    return value  # node values (a list a callee returned) keep their identity
+
+
 class _ShapeRecorder(ShapeProp):
     """``ShapeProp`` that remembers the failing node instead of printing a traceback.
 
@@ -746,7 +763,10 @@ class _ShapeRecorder(ShapeProp):
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            result = fx.Interpreter.run_node(self, n)
+            with self._set_current_node(n):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                args, kwargs = _mutable_literals(args), _mutable_literals(kwargs)
+                result = getattr(self, n.op)(n.target, args, kwargs)
         except Exception:
             self.failed = n
             raise

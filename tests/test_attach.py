@@ -63,7 +63,8 @@ def _pair(**ssia: Any) -> tuple[nn.Module, nn.Module]:
 
 def test_tensor_output_step_matches_explicit_loss() -> None:
     attached, explicit = _pair()
-    _assert_params_close(_one_step(attached, CRITERION, False), _one_step(explicit, CRITERION, True))
+    _assert_params_close(_one_step(attached, CRITERION, False),
+                         _one_step(explicit, CRITERION, True))
     value = fxattn.ssia_loss(attached)
     assert not value.requires_grad and value.item() > 0  # detached: for logging only
 
@@ -262,3 +263,49 @@ def test_eval_and_strip_attach_nothing(tmp_path: Any) -> None:
     assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
     for a, b in zip(graphs[0].initializer, graphs[1].initializer, strict=True):
         assert a.name == b.name and a.raw_data == b.raw_data
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        result = {}
+        for attach in (True, False):
+            ddp = DistributedDataParallel(transformed(seed=0, ssia=fxattn.SSIA(attach=attach)))
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            x, y = batch(rank)  # each rank its own shard
+            loss = CRITERION(ddp(x), y)
+            if not attach:
+                loss = loss + fxattn.ssia_loss(ddp)
+            loss.backward()
+            opt.step()
+            result[attach] = _params(ddp.module)
+        torch.save(result, f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_attach_matches_explicit(tmp_path: Any) -> None:
+    """Per rank, once per forward, reduced by DDP's own all-reduce: same step as explicit."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp")
+    mp.spawn(_ddp_worker, args=(port, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(2)]
+    for key, value in ranks[0][True].items():
+        torch.testing.assert_close(value, ranks[0][False][key], msg=key, **EXACT)
+        assert torch.equal(value, ranks[1][True][key]), key  # ranks stay in sync

@@ -8,7 +8,6 @@ the RNG state all came from the file.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 

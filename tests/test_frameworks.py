@@ -69,12 +69,12 @@ class _Images(torch.utils.data.Dataset):
 
 
 def _hf_args(out: Path, accumulate: int, steps: int, **extra: Any) -> Any:
+    extra = {"save_strategy": "no", "train_sampling_strategy": "sequential", **extra}
     return transformers.TrainingArguments(
         str(out), per_device_train_batch_size=HF_BATCH, gradient_accumulation_steps=accumulate,
         max_steps=steps, optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
-        weight_decay=0.0, max_grad_norm=0.0, warmup_steps=0, train_sampling_strategy="sequential",
-        report_to=[], use_cpu=True, dataloader_num_workers=0, logging_steps=1,
-        disable_tqdm=True, save_strategy="no", seed=0, **extra)
+        weight_decay=0.0, max_grad_norm=0.0, warmup_steps=0, report_to=[], use_cpu=True,
+        dataloader_num_workers=0, logging_steps=1, disable_tqdm=True, seed=0, **extra)
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -166,6 +166,11 @@ def _image_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def _loader(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    x, y = (torch.cat(parts) for parts in zip(*batches, strict=True))
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+
+
 def _lightning_trainer(tmp_path: Path, **options: Any) -> Any:
     lightning = pytest.importorskip("lightning")
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -180,7 +185,7 @@ def test_lightning_step_matches_explicit_loss(tmp_path: Path, accumulate: int) -
     module = _lightning_module(_tv_resnet(attach=True))
     trainer = _lightning_trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate,
                                  enable_checkpointing=False)
-    trainer.fit(module, train_dataloaders=batches)
+    trainer.fit(module, train_dataloaders=_loader(batches))
     assert trainer.callback_metrics["ssia"].item() > 0  # self.log reached the logger
 
     reference = _tv_resnet(attach=False)
@@ -193,18 +198,20 @@ def test_lightning_step_matches_explicit_loss(tmp_path: Path, accumulate: int) -
 
 
 def test_lightning_checkpoint_resume_and_export(tmp_path: Path) -> None:
-    batches = _image_batches(4)
+    # epochs of 2 steps; resume at the epoch boundary (Lightning restarts an epoch it resumes
+    # in the middle of, unless the dataloader is resumable)
+    loader = _loader(_image_batches(2))
     full = _lightning_module(_tv_resnet(attach=True))
-    _lightning_trainer(tmp_path / "a", max_steps=4).fit(full, train_dataloaders=batches)
+    _lightning_trainer(tmp_path / "a", max_epochs=2).fit(full, train_dataloaders=loader)
 
     first = _lightning_module(_tv_resnet(attach=True))
-    trainer = _lightning_trainer(tmp_path / "b", max_steps=2)
-    trainer.fit(first, train_dataloaders=batches)
-    ckpt = tmp_path / "two.ckpt"
+    trainer = _lightning_trainer(tmp_path / "b", max_epochs=1)
+    trainer.fit(first, train_dataloaders=loader)
+    ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(str(ckpt))
     resumed = _lightning_module(_tv_resnet(attach=True))
-    _lightning_trainer(tmp_path / "c", max_steps=4).fit(
-        resumed, train_dataloaders=batches, ckpt_path=str(ckpt))
+    _lightning_trainer(tmp_path / "c", max_epochs=2).fit(
+        resumed, train_dataloaders=loader, ckpt_path=str(ckpt))
     _assert_same_parameters(resumed.net, full.net)
 
     lean = fxattn.strip_ssia(resumed.net)

@@ -166,6 +166,15 @@ def test_export_onnx_dia_weights_verifies_with_the_mode_tolerance(
     assert any("int4" in note for note in report.notes)
 
 
+def test_dia_weights_with_the_torchscript_exporter(lean: torch.nn.Module, tmp_path: Path) -> None:
+    """TorchScript names the DIA weights ``inner.fxattn_dia.*`` (the export wrapper's path)."""
+    report = export_onnx(lean, tmp_path / "ts.onnx", torch.randn(2, 3, 32, 32),
+                         exporter="torchscript", dia_weights="int8")
+    assert report.exporter == "torchscript" and report.verified
+    assert report.op_counts["MatMulNBits"] == DIA_LINEARS
+    assert 0 < report.max_abs_error <= LOWP_ATOL["int8"]
+
+
 def test_bad_mode_and_model_without_dia_are_clear_errors(tmp_path: Path) -> None:
     model = CifarResNet(depth=11, num_classes=10).eval()
     with pytest.raises(ExportError, match="dia_weights='int3'"):

@@ -7,8 +7,9 @@ lean output equals the evaluation output, no SSIA left) -> ONNX export -> onnxru
 outputs, segmentation with a dict output), timm (CNN, ViT), Hugging Face transformers (token-id
 inputs, ``ModelOutput`` dataclass outputs: only the ``torch.export`` capture can take them).
 Small configs and inputs keep the whole file to a few minutes on two idle cores. The
-diffusers UNet takes two inputs (a sample and integer timesteps) and its skip connections leave
-no two stage outputs on one main path, so its SSIA taps are evenly spaced residual blocks.
+diffusers UNet takes two inputs (a sample and integer timesteps); its skip connections leave
+no single path through every stage, so its SSIA taps are the encoder stage outputs down to the
+bottleneck (see tests/test_encoder_decoder.py).
 """
 
 from __future__ import annotations

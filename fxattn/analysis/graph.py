@@ -64,7 +64,18 @@ def is_float_tensor(node: fx.Node) -> bool:
     return node.op != "get_attr" and dtype is not None and dtype.is_floating_point
 
 
-def _reaching(graph: fx.Graph, sources: Iterable[fx.Node], forward: bool) -> set[fx.Node]:
+def _carries_float_tensors(node: fx.Node) -> bool:
+    """A multi-output op (``split``, ``chunk``, ``unbind``) of floating tensors."""
+    meta = node.meta.get("tensor_meta")
+    return (
+        node.op != "get_attr"
+        and isinstance(meta, (list, tuple))
+        and any(getattr(item, "dtype", None) is not None and item.dtype.is_floating_point
+                for item in meta)
+    )
+
+
+def reaching(graph: fx.Graph, sources: Iterable[fx.Node], forward: bool) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = list(sources)
     while stack:
@@ -79,13 +90,14 @@ def _reaching(graph: fx.Graph, sources: Iterable[fx.Node], forward: bool) -> set
     return seen
 
 
-def _feature_nodes(source: fx.Node, is_parametrised: Callable[[fx.Node], bool]) -> set[fx.Node]:
+def feature_nodes(source: fx.Node, is_parametrised: Callable[[fx.Node], bool]) -> set[fx.Node]:
     """Floating-point nodes that carry the input's features forward.
 
-    Features flow through floating-point tensors. From integer inputs (token ids) they start
-    at the first parametrised op (the embedding lookup); masks, position ids and shapes that
-    are computed *from* the input without parameters are side paths, and their edges into
-    every layer must not hide the stage boundaries.
+    Features flow through floating-point tensors, and through the multi-output ops that
+    split them (a CSP block's ``chunk``: its halves are features too). From integer inputs
+    (token ids) they start at the first parametrised op (the embedding lookup); masks,
+    position ids and shapes that are computed *from* the input without parameters are side
+    paths, and their edges into every layer must not hide the stage boundaries.
     """
     seen: set[tuple[fx.Node, bool]] = set()
     stack = [(source, is_float_tensor(source))]
@@ -97,7 +109,7 @@ def _feature_nodes(source: fx.Node, is_parametrised: Callable[[fx.Node], bool]) 
         for user in node.users:
             if user.op == "get_attr":
                 continue
-            if user.op == "output" or is_float_tensor(user):
+            if user.op == "output" or is_float_tensor(user) or _carries_float_tensors(user):
                 if in_features or is_parametrised(user):
                     stack.append((user, True))
             elif not in_features and tensor_dtype(user) is not None:
@@ -106,21 +118,29 @@ def _feature_nodes(source: fx.Node, is_parametrised: Callable[[fx.Node], bool]) 
 
 
 def main_path_dominators(
-    graph: fx.Graph, is_parametrised: Callable[[fx.Node], bool] = lambda node: False
+    graph: fx.Graph,
+    is_parametrised: Callable[[fx.Node], bool] = lambda node: False,
+    sink: fx.Node | None = None,
 ) -> list[fx.Node]:
-    """Nodes that every path from the first input to the output passes through, in order.
+    """Nodes that every path from the first input to ``sink`` passes through, in order.
 
+    ``sink`` defaults to the output (excluded from the result); a given sink is included.
     A node is crossed by every path iff no edge between main-path nodes jumps over it in
-    topological order. Inputs other than the first (masks, timesteps) do not form paths.
+    topological order. Inputs other than the first (masks, timesteps) do not form paths, and
+    edges to nodes the sink does not depend on (an encoder's skip connections) do not count.
     """
     placeholders = list(graph.find_nodes(op="placeholder"))
     output = next(iter(graph.find_nodes(op="output")))
     if not placeholders:
         return []
-    relevant = _feature_nodes(placeholders[0], is_parametrised) & _reaching(
-        graph, [output], forward=False
+    end = output if sink is None else sink
+    relevant = feature_nodes(placeholders[0], is_parametrised) & reaching(
+        graph, [end], forward=False
     )
-    ordered = [n for n in graph.nodes if n in relevant and (n is output or tensor_shape(n))]
+    ordered = [
+        n for n in graph.nodes
+        if n in relevant and (n is output or tensor_shape(n) or _carries_float_tensors(n))
+    ]
     position = {node: i for i, node in enumerate(ordered)}
     cover = [0] * (len(ordered) + 1)
     for node in ordered:

@@ -8,6 +8,8 @@ grids ``(B, H, W, C)``, and names the layout (``NCHW``, ``NLC``, ``NDHWC`` ...).
 
 from __future__ import annotations
 
+import math
+
 import torch.fx as fx
 
 from ..tracing import iter_tensor_inputs, tensor_shape
@@ -116,3 +118,24 @@ def layout_name(channel_dim: int, ndim: int) -> str:
         (5, 4): "NDHWC",
     }
     return names.get((ndim, channel_dim), f"{ndim}d/c{channel_dim}")
+
+
+def token_grid(count: int, max_prefix: int = 8) -> tuple[tuple[int, int] | None, int]:
+    """The square grid of ``count`` tokens less up to ``max_prefix`` leading class / register
+    tokens, and that prefix; ``(None, 0)`` when no such square exists."""
+    for prefix in range(0, min(max_prefix, count - 1) + 1):
+        side = math.isqrt(count - prefix)
+        if side > 1 and side * side == count - prefix:
+            return (side, side), prefix
+    return None, 0
+
+
+def feature_grid(node: fx.Node, dims: dict[fx.Node, int | None]) -> tuple[int, ...]:
+    """The positions of a feature map: every dim but batch and channels, and for tokens
+    ``(B, N, C)`` of a square grid (plus class / register tokens) that grid."""
+    shape = tensor_shape(node) or ()
+    spatial = tuple(s for d, s in enumerate(shape) if d not in (0, dims[node]))
+    if layout_name(dims[node] or 1, len(shape)) == "NLC":
+        grid, _ = token_grid(spatial[0])
+        return grid or spatial
+    return spatial

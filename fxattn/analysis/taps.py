@@ -2,19 +2,24 @@
 
 A tap is the last feature map at each spatial resolution on the network's main path (a node
 every input-to-output path crosses), low to high. A model whose resolution never changes (ViT)
-gets ``SSIA.token_taps`` evenly spaced taps instead.
+gets ``SSIA.token_taps`` evenly spaced taps instead. In an encoder-decoder (UNet, FPN, YOLO)
+the main path is the one from the input to the end of the down-sampling path
+(:mod:`.encoder`): the skip connections into the decoder would otherwise leave only the
+stages before the first of them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.fx as fx
 
 from ..tracing import tensor_dtype, tensor_shape
+from .encoder import downsampling_end
 from .graph import example_batch_size, main_path_dominators, node_module_path, stable_keys
-from .layouts import layout_name
+from .layouts import feature_grid, layout_name, token_grid
 from .ops import OpInfo
 
 
@@ -29,14 +34,6 @@ class Tap:
     layout: str
     grid: tuple[int, ...] | None  # spatial grid of the attention map; None when not a grid
     skip_tokens: int  # leading non-grid tokens (class / register tokens) dropped
-
-
-def _token_grid(count: int, max_prefix: int = 8) -> tuple[tuple[int, int] | None, int]:
-    for prefix in range(0, min(max_prefix, count - 1) + 1):
-        side = math.isqrt(count - prefix)
-        if side > 1 and side * side == count - prefix:
-            return (side, side), prefix
-    return None, 0
 
 
 def _make_tap(node: fx.Node, index: int, dims: dict[fx.Node, int | None], key: str) -> Tap:
@@ -55,7 +52,7 @@ def _make_tap(node: fx.Node, index: int, dims: dict[fx.Node, int | None], key: s
     grid: tuple[int, ...] | None
     skip = 0
     if layout == "NLC":
-        grid, skip = _token_grid(spatial[0])
+        grid, skip = token_grid(spatial[0])
     elif 1 <= len(spatial) <= 3:
         grid = spatial
     else:
@@ -72,23 +69,71 @@ def find_taps(
 ) -> tuple[list[Tap], list[str]]:
     """Stage outputs on the main path, low to high (see the module docstring)."""
     keys = stable_keys(gm.graph)
-    candidates = []
     info = OpInfo(gm)
     batch = example_batch_size(gm.graph)
-    for node in main_path_dominators(gm.graph, info.is_parametrised):
-        if node.op == "placeholder" or not _tap_candidate(node, dims, batch):
-            continue
-        shape = tensor_shape(node) or ()
-        spatial = tuple(s for d, s in enumerate(shape) if d not in (0, dims[node]))
-        if layout_name(dims[node] or 1, len(shape)) == "NLC":
-            # Tokens of a square grid (plus class / register tokens) sit at that grid's
-            # resolution: a ViT's patch embedding and its blocks form one stage.
-            grid, _ = _token_grid(spatial[0])
-            spatial = grid or spatial
-        candidates.append((node, spatial))
+
+    def is_map(node: fx.Node) -> bool:
+        return _tap_candidate(node, dims, batch)
+
+    chosen: list[fx.Node] = []
+    notes: list[str] = []
+    encoder = downsampling_end(gm.graph, dims, is_map, info.is_parametrised)
+    if encoder is not None:
+        chosen, notes = _stage_outputs(
+            gm.graph, dims, info, is_map, residual_nodes, token_taps, encoder.end
+        )
+        if len(chosen) >= 2:
+            notes.insert(0, (
+                f"encoder-decoder: the decoder starts at the up-sampling "
+                f"'{encoder.upsampling.name}' ({node_module_path(encoder.upsampling) or 'root'});"
+                f" taps are the stage outputs on the down-sampling path up to its deepest "
+                f"feature '{encoder.end.name}' ({node_module_path(encoder.end) or 'root'}), "
+                "low to high, each supervised by the next deeper one; the decoder above the "
+                "deepest resolution is not tapped"
+            ))
+    if len(chosen) < 2:
+        chosen, notes = _stage_outputs(
+            gm.graph, dims, info, is_map, residual_nodes, token_taps, None
+        )
+    if len(chosen) < 2:
+        # No two stage outputs on a single main path: parallel streams that meet only at the
+        # head (CrossViT's two patch sizes), or a graph whose blocks all sit inside one
+        # dominator-free region. The residual blocks are still the natural layers to
+        # supervise: take evenly spaced block outputs in graph order.
+        blocks = _block_outputs(
+            [node for node in gm.graph.nodes if node.name in residual_nodes and is_map(node)]
+        )
+        if len(blocks) >= 2:
+            count = min(token_taps, len(blocks))
+            chosen = [blocks[round((i + 1) * len(blocks) / count) - 1] for i in range(count)]
+            notes = [
+                f"no two stage outputs on the main path: {count} taps evenly spaced over "
+                f"{len(blocks)} residual blocks"
+            ]
+    taps = [_make_tap(node, i, dims, keys[node]) for i, node in enumerate(chosen)]
+    return taps, notes
+
+
+def _stage_outputs(
+    graph: fx.Graph,
+    dims: dict[fx.Node, int | None],
+    info: OpInfo,
+    is_map: Callable[[fx.Node], bool],
+    residual_nodes: set[str],
+    token_taps: int,
+    sink: fx.Node | None,
+) -> tuple[list[fx.Node], list[str]]:
+    """The last feature at each resolution on the main path from the input to ``sink``."""
+    candidates = [
+        (node, feature_grid(node, dims))
+        for node in main_path_dominators(graph, info.is_parametrised, sink)
+        if node.op != "placeholder" and is_map(node)
+    ]
     # A resolution is a number of positions: flattening a (T, H, W) grid to L = T*H*W
     # positions before a head does not start a new stage. Each run's stage output is its last
-    # feature on the richest grid (the clip, not its flattened view).
+    # feature on the richest grid (the clip, not its flattened view). Tokens of a square grid
+    # (plus class / register tokens) sit at that grid's resolution: a ViT's patch embedding
+    # and its blocks form one stage.
     runs: list[list[fx.Node]] = []
     ranks: dict[fx.Node, int] = {}
     previous = None
@@ -115,27 +160,7 @@ def find_taps(
         )
     else:
         chosen = [_richest_last(run, ranks) for run in runs]
-    if len(chosen) < 2:
-        # No two stage outputs on a single main path: parallel streams that meet only at the
-        # head (CrossViT's two patch sizes), or a graph whose blocks all sit inside one
-        # dominator-free region. The residual blocks are still the natural layers to
-        # supervise: take evenly spaced block outputs in graph order.
-        blocks = _block_outputs(
-            [
-                node
-                for node in gm.graph.nodes
-                if node.name in residual_nodes and _tap_candidate(node, dims, batch)
-            ]
-        )
-        if len(blocks) >= 2:
-            count = min(token_taps, len(blocks))
-            chosen = [blocks[round((i + 1) * len(blocks) / count) - 1] for i in range(count)]
-            notes = [
-                f"no two stage outputs on the main path: {count} taps evenly spaced over "
-                f"{len(blocks)} residual blocks"
-            ]
-    taps = [_make_tap(node, i, dims, keys[node]) for i, node in enumerate(chosen)]
-    return taps, notes
+    return chosen, notes
 
 
 def _richest_last(run: list[fx.Node], ranks: dict[fx.Node, int]) -> fx.Node:

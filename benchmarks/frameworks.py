@@ -1,0 +1,155 @@
+"""Short runs inside frameworks: does the attached SSIA loss fall, and is the task loss no worse?
+
+For Hugging Face ``Trainer`` (a ResNet from a config) and Lightning (torchvision ResNet-18),
+train the same seeded model on the same generated data twice: ``SSIA(attach=True)`` (the loop
+never mentions SSIA) and ``ssia=False``. Record the SSIA loss and the task loss of the first
+and last steps (mean of ``--window`` steps) and the final held-out task loss. Writes
+``benchmarks/results/frameworks.json`` and ``.md``.
+
+    python benchmarks/frameworks.py --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_frameworks import (  # noqa: E402 - the tests' generated data and settings
+    HF_BATCH,
+    _hf_args,
+    _image_batches,
+    _Images,
+    _lightning_trainer,
+    _loader,
+)
+
+import fxattn  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _ssia(attach: bool) -> fxattn.SSIA | bool:
+    return fxattn.SSIA(attach=True) if attach else False
+
+
+def _held_out(net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+              hf: bool) -> float:
+    net.eval()
+    losses = []
+    with torch.no_grad():
+        for x, y in batches:
+            out = net(pixel_values=x, labels=y).logits if hf else net(x)
+            losses.append(float(nn.functional.cross_entropy(out, y)))
+    return statistics.fmean(losses)
+
+
+def run_hf(steps: int, attach: bool) -> dict[str, Any]:
+    import transformers
+
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       layer_type="basic", num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(config)
+    torch.manual_seed(0)
+    example = {"pixel_values": torch.randn(HF_BATCH, 3, 32, 32),
+               "labels": torch.zeros(HF_BATCH, dtype=torch.long)}
+    net = fxattn.transform(model, example, ssia=_ssia(attach))
+    task, ssia = [], []
+
+    def record(module: nn.Module, _: Any, out: Any) -> None:
+        if module.training:
+            task.append(float(out.loss))
+            if attach:
+                ssia.append(float(fxattn.ssia_loss(module)))
+
+    net.register_forward_hook(record)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = _hf_args(Path(tmp), 1, steps, train_sampling_strategy="random")
+        transformers.Trainer(model=net, args=args, train_dataset=_Images(HF_BATCH * 16)).train()
+    return {"task": task, "ssia": ssia, "held_out": _held_out(net, _image_batches(40)[32:], True)}
+
+
+def run_lightning(steps: int, attach: bool) -> dict[str, Any]:
+    import lightning
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    torch.manual_seed(0)
+    net = fxattn.transform(model, torch.randn(4, 3, 32, 32), ssia=_ssia(attach))
+
+    class Classifier(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.task, self.ssia = net, [], []
+
+        def training_step(self, batch: Any, _: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.cross_entropy(self.net(x), y)  # never mentions SSIA
+            self.task.append(float(loss))
+            if attach:
+                self.ssia.append(float(fxattn.ssia_loss(self.net)))
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Classifier()
+    batches = _image_batches(40)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = _lightning_trainer(Path(tmp), max_steps=steps, enable_checkpointing=False)
+        trainer.fit(module, train_dataloaders=_loader(batches[:16]))
+    return {"task": module.task, "ssia": module.ssia,
+            "held_out": _held_out(net, batches[32:], False)}
+
+
+def _summary(run: dict[str, Any], window: int) -> dict[str, Any]:
+    def ends(values: list[float]) -> list[float] | None:
+        if not values:
+            return None
+        return [statistics.fmean(values[:window]), statistics.fmean(values[-window:])]
+
+    return {"task_first_last": ends(run["task"]), "ssia_first_last": ends(run["ssia"]),
+            "held_out_task": run["held_out"], "steps": len(run["task"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--window", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    results: dict[str, Any] = {"steps": args.steps, "load": os.getloadavg()}
+    for name, runner in (("hf_trainer", run_hf), ("lightning", run_lightning)):
+        results[name] = {}
+        for label, attach in (("attach", True), ("ssia_off", False)):
+            results[name][label] = _summary(runner(args.steps, attach), args.window)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "frameworks.json").write_text(json.dumps(results, indent=2))
+    lines = [f"# SSIA(attach=True) in frameworks, {args.steps} steps (load {results['load']})",
+             "", "| framework | arm | task loss first -> last | SSIA first -> last | "
+             "held-out task loss |", "|---|---|---|---|---|"]
+    for name in ("hf_trainer", "lightning"):
+        for label, row in results[name].items():
+            def fmt(pair: list[float] | None) -> str:
+                return "-" if pair is None else f"{pair[0]:.4f} -> {pair[1]:.4f}"
+            lines.append(f"| {name} | {label} | {fmt(row['task_first_last'])} | "
+                         f"{fmt(row['ssia_first_last'])} | {row['held_out_task']:.4f} |")
+    (RESULTS / "frameworks.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
