@@ -89,7 +89,6 @@ def test_yolov8_neck_taps_the_backbone_stride_4_to_32(tmp_path: Path) -> None:
 
     lean = fxattn.strip_ssia(net)
     assert not any("fxattn_ssia" in name for name, _ in lean.named_modules())
-    # atol 1e-3, not the default 1e-4: YOLO's decoded boxes are in pixels, and at 1e-4 its
-    # parity holds only on some inputs (issue 13); the verification rule is being reworked.
-    report = export_onnx(lean, tmp_path / "yolo.onnx", x, atol=1e-3)
-    assert report.verified
+    # the default rule: boxes in pixels are judged relative to their size (fxattn.verify)
+    report = export_onnx(lean, tmp_path / "yolo.onnx", x)
+    assert report.verified and report.verification.passed
