@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .analysis import Plan, analyze
+from .analysis.groups import assign_groups
 from .config import DIA, SSIA, resolve_dia, resolve_ssia
 from .errors import (
     AlreadyTransformedError,
@@ -114,6 +115,22 @@ class _Prepared:
         self.eval_plan.model_parameters = parameters
         train_keys = [s.key for s in self.train_plan.sites]
         eval_keys = [s.key for s in self.eval_plan.sites]
+        if train_keys != eval_keys and dia is not None and all(
+            site.kind == "stage_output" for site in self.train_plan.sites + self.eval_plan.sites
+        ):
+            # No residual additions: DIA sits on stage outputs, and a training-only branch
+            # (GoogLeNet's auxiliary heads) moves the main path's stage outputs in train mode.
+            # DIA goes on the stage outputs both modes have, so both graphs share its modules.
+            common = set(train_keys) & set(eval_keys)
+            for plan in (self.train_plan, self.eval_plan):
+                kept = [site for site in plan.sites if site.key in common]
+                plan.sites, plan.dia_modules = assign_groups(kept, dia)
+                plan.notes.append(
+                    f"train and eval mode differ in stage outputs (a training-only branch); "
+                    f"DIA uses the {len(kept)} both modes have"
+                )
+            train_keys = [s.key for s in self.train_plan.sites]
+            eval_keys = [s.key for s in self.eval_plan.sites]
         if train_keys != eval_keys:
             raise AnalysisError(
                 f"the train-mode and eval-mode graphs of {name} disagree on the residual sites "
