@@ -309,18 +309,20 @@ def _build(
 
 
 def _no_ssia_pair_message(name: str, plan: Plan) -> str:
+    return f"{_why_no_ssia_pair(name, plan)}; use ssia=False for this model"
+
+
+def _why_no_ssia_pair(name: str, plan: Plan) -> str:
     """What the taps were and why none of them pairs: too few, or every pair skipped."""
     if len(plan.taps) < 2:
         found = ", ".join(f"{t.node} {t.layout} {tuple(t.shape)}" for t in plan.taps) or "none"
         return (
             f"SSIA needs at least two stage outputs (taps) to pair; {name} has "
-            f"{len(plan.taps)} on its main path ({found}); use ssia=False for this model"
+            f"{len(plan.taps)} on its main path ({found})"
         )
     reasons = "; ".join(f"{p.low}->{p.high}: {p.skipped}" for p in plan.pairs)
-    return (
-        f"SSIA found {len(plan.taps)} taps in {name} but no pair of them can be compared "
-        f"({reasons}); use ssia=False for this model"
-    )
+    return f"SSIA found {len(plan.taps)} taps in {name} but no pair of them can be compared " \
+           f"({reasons})"
 
 
 def _scoped_plan(
@@ -392,7 +394,7 @@ def _transform_scoped(
         sub = root.get_submodule(candidate.path)
         part_ssia = ssia_cfg if ready.train_plan.active_pairs else None
         if ssia_cfg is not None and part_ssia is None:
-            part.reason += f"; no SSIA here ({len(ready.train_plan.taps)} tap(s), two needed)"
+            part.reason += f"; no SSIA here: {_why_no_ssia_pair('it', ready.train_plan)}"
         try:
             net = _build(sub, ready, dia_cfg, part_ssia)
         except AnalysisError as exc:
@@ -400,10 +402,13 @@ def _transform_scoped(
         root.set_submodule(candidate.path, net)
         with_ssia.append(part_ssia is not None)
     if ssia_cfg is not None and not any(with_ssia):
+        reasons = "; ".join(
+            _why_no_ssia_pair(repr(candidate.path), ready.train_plan)
+            for candidate, ready in prepared
+        )
         raise AnalysisError(
-            f"SSIA needs two stage outputs to pair, found {len(plan.taps)} tap(s) in the "
-            f"scoped part(s) {', '.join(map(repr, plan.paths))} of {type(model).__name__}; "
-            "use ssia=False for this model"
+            f"no scoped part of {type(model).__name__} has an SSIA pair: {reasons}; use "
+            "ssia=False for this model, or widen the scope to include more stages"
         )
     info = ScopeInfo(
         plan=plan,

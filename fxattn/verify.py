@@ -286,8 +286,10 @@ def _failure_message(report: VerificationReport) -> str:
             f"that is {report.margin:.3g} times atol + rtol*|ref| (atol {tol.atol:g}, "
             f"rtol {tol.rtol:g})")
     if report.float64_noise is not None:
-        text += (f"; PyTorch's own float32 error vs float64 is only {report.float64_noise:.2e}, "
-                 "so this is not rounding")
+        text += (f"; against a float64 run it is still {report.float64_margin:.3g} times "
+                 f"what the float64 rule allows (PyTorch's own float32 error "
+                 f"{report.float64_noise:.2e}, times {tol.float64_factor:g}), so this is not "
+                 "rounding")
     return text + (
         ". Look for an op that onnxruntime computes differently (run the export's ops one by "
         "one, or try exporter='torchscript'); if the model is known to be this sensitive, "

@@ -225,3 +225,34 @@ def test_sample_lists_of_different_lengths_are_refused(model: nn.Module, batch: 
     images, targets = batch
     with pytest.raises(fxattn.InputError, match="lists of 1 and 2 samples"):
         fxattn.inspect(model, (images, targets[:1]))
+
+
+class _BranchOnValue(nn.Module):
+    """Untraceable whole (a Python branch on a tensor's value); one residual block inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BasicBlock(8, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.body(x)
+        if float(features.max()) > 1e9:  # neither torch.fx nor torch.export captures this
+            return features.flatten(1)
+        return self.head(features.mean((2, 3)))
+
+
+def test_scoped_part_without_an_ssia_pair_says_what_it_found() -> None:
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(fxattn.AnalysisError) as info:
+            fxattn.transform(_BranchOnValue(), x)
+        message = str(info.value)
+        assert "no scoped part of _BranchOnValue has an SSIA pair" in message
+        assert "'body'" in message and "at least two stage outputs" in message
+        assert "has 1 on its main path" in message and "ssia=False" in message
+        net = fxattn.transform(_BranchOnValue(), x, ssia=False)  # DIA alone works
+    assert isinstance(net.body, fxattn.AttentionGraphModule)
