@@ -120,6 +120,63 @@ def test_hf_trainer_save_resume_and_export(tmp_path: Path) -> None:
     assert report.verified
 
 
+def _hf_bert(attach: bool) -> nn.Module:
+    """A tiny BERT classifier (dropout off: the Trainer and the plain loop draw differently)."""
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, vocab_size=50, num_labels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    torch.manual_seed(0)
+    example = {"input_ids": torch.randint(0, 50, (HF_BATCH, 10)),
+               "attention_mask": torch.ones(HF_BATCH, 10, dtype=torch.long),
+               "labels": torch.zeros(HF_BATCH, dtype=torch.long)}
+    return fxattn.transform(model, example, ssia=fxattn.SSIA(attach=attach))
+
+
+class _Sentences(torch.utils.data.Dataset):
+    """Token ids whose label is the first token modulo 3, padded at random lengths."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        ids = torch.randint(1, 50, (10,), generator=g)
+        mask = torch.ones(10, dtype=torch.long)
+        mask[int(torch.randint(6, 11, (), generator=g)):] = 0
+        return {"input_ids": ids * mask, "attention_mask": mask, "labels": ids[0] % 3}
+
+
+def test_hf_trainer_trains_a_text_model_with_accumulation(tmp_path: Path) -> None:
+    accumulate = 2
+    net = _hf_bert(attach=True)
+    assert net.plan.tracer == "torch.export" and net.plan.active_pairs
+    trainer = transformers.Trainer(model=net, args=_hf_args(tmp_path, accumulate, 1),
+                                   train_dataset=_Sentences(HF_BATCH * accumulate))
+    trainer.train()
+
+    reference = _hf_bert(attach=False)
+    opt = torch.optim.SGD(reference.parameters(), lr=LR)
+    data = _Sentences(HF_BATCH * accumulate)
+    for micro in range(accumulate):
+        items = [data[i] for i in range(micro * HF_BATCH, (micro + 1) * HF_BATCH)]
+        batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+        loss = reference(**batch).loss + fxattn.ssia_loss(reference)
+        (loss / accumulate).backward()
+    opt.step()
+    _assert_same_parameters(net, reference)
+
+    lean = fxattn.strip_ssia(net.eval())
+    report = fxattn.export_onnx(lean, tmp_path / "bert.onnx", {
+        k: v[:2] for k, v in next(iter(torch.utils.data.DataLoader(data, batch_size=2))).items()
+    })
+    assert report.verified
+
+
 # --------------------------------------------------------------------------- Lightning
 
 
