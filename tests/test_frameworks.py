@@ -53,13 +53,17 @@ def _hf_resnet(attach: bool) -> nn.Module:
     return fxattn.transform(model, example, ssia=fxattn.SSIA(attach=attach))
 
 
-class _Images(torch.utils.data.Dataset):
+class _Generated(torch.utils.data.Dataset):
+    """``size`` samples, sample ``i`` drawn from a generator seeded with ``i``."""
+
     def __init__(self, size: int) -> None:
         self.size = size
 
     def __len__(self) -> int:
         return self.size
 
+
+class _Images(_Generated):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(i)
         label = torch.randint(0, 3, (), generator=g)
@@ -77,22 +81,26 @@ def _hf_args(out: Path, accumulate: int, steps: int, **extra: Any) -> Any:
         dataloader_num_workers=0, logging_steps=1, disable_tqdm=True, seed=0, **extra)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_hf_trainer_step_matches_explicit_loss(tmp_path: Path, accumulate: int) -> None:
-    net = _hf_resnet(attach=True)
-    trainer = transformers.Trainer(model=net, args=_hf_args(tmp_path, accumulate, 1),
-                                   train_dataset=_Images(HF_BATCH * accumulate))
-    trainer.train()
-
-    reference = _hf_resnet(attach=False)
+def _explicit_hf_step(reference: nn.Module, data: Any, accumulate: int) -> nn.Module:
+    """One SGD step of a plain loop on the Trainer's micro-batches, SSIA added by hand."""
     opt = torch.optim.SGD(reference.parameters(), lr=LR)
-    data = _Images(HF_BATCH * accumulate)
     for micro in range(accumulate):
         items = [data[i] for i in range(micro * HF_BATCH, (micro + 1) * HF_BATCH)]
         batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
         loss = reference(**batch).loss + fxattn.ssia_loss(reference)
         (loss / accumulate).backward()
     opt.step()
+    return reference
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_hf_trainer_step_matches_explicit_loss(tmp_path: Path, accumulate: int) -> None:
+    net = _hf_resnet(attach=True)
+    trainer = transformers.Trainer(model=net, args=_hf_args(tmp_path, accumulate, 1),
+                                   train_dataset=_Images(HF_BATCH * accumulate))
+    trainer.train()
+    reference = _explicit_hf_step(_hf_resnet(attach=False), _Images(HF_BATCH * accumulate),
+                                  accumulate)
     _assert_same_parameters(net, reference)
 
 
@@ -134,14 +142,8 @@ def _hf_bert(attach: bool) -> nn.Module:
     return fxattn.transform(model, example, ssia=fxattn.SSIA(attach=attach))
 
 
-class _Sentences(torch.utils.data.Dataset):
+class _Sentences(_Generated):
     """Token ids whose label is the first token modulo 3, padded at random lengths."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(i)
@@ -158,17 +160,8 @@ def test_hf_trainer_trains_a_text_model_with_accumulation(tmp_path: Path) -> Non
     trainer = transformers.Trainer(model=net, args=_hf_args(tmp_path, accumulate, 1),
                                    train_dataset=_Sentences(HF_BATCH * accumulate))
     trainer.train()
-
-    reference = _hf_bert(attach=False)
-    opt = torch.optim.SGD(reference.parameters(), lr=LR)
     data = _Sentences(HF_BATCH * accumulate)
-    for micro in range(accumulate):
-        items = [data[i] for i in range(micro * HF_BATCH, (micro + 1) * HF_BATCH)]
-        batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
-        loss = reference(**batch).loss + fxattn.ssia_loss(reference)
-        (loss / accumulate).backward()
-    opt.step()
-    _assert_same_parameters(net, reference)
+    _assert_same_parameters(net, _explicit_hf_step(_hf_bert(attach=False), data, accumulate))
 
     lean = fxattn.strip_ssia(net.eval())
     report = fxattn.export_onnx(lean, tmp_path / "bert.onnx", {
