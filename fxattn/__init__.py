@@ -33,12 +33,14 @@ from .onnx_export import ExportReport, export_onnx
 from .onnx_optimize import OnnxOptimize
 from .scope import ScopePlan
 from .serialization import Checkpoint, load, load_checkpoint, save
+from .ssia_logging import log_ssia
 from .tracing import TraceOptions
 from .transform import inspect, set_ssia_scale, ssia_loss, strip_ssia, transform
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "log_ssia",
     "DIA",
     "SSIA",
     "AlreadyTransformedError",

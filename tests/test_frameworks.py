@@ -81,16 +81,21 @@ def _hf_args(out: Path, accumulate: int, steps: int, **extra: Any) -> Any:
         dataloader_num_workers=0, logging_steps=1, disable_tqdm=True, seed=0, **extra)
 
 
-def _explicit_hf_step(reference: nn.Module, data: Any, accumulate: int) -> nn.Module:
-    """One SGD step of a plain loop on the Trainer's micro-batches, SSIA added by hand."""
+def _explicit_hf_step(reference: nn.Module, data: Any, accumulate: int
+                      ) -> tuple[nn.Module, list[float]]:
+    """One SGD step of a plain loop on the Trainer's micro-batches, SSIA added by hand; the
+    module and the SSIA value of each micro-batch."""
     opt = torch.optim.SGD(reference.parameters(), lr=LR)
+    values = []
     for micro in range(accumulate):
         items = [data[i] for i in range(micro * HF_BATCH, (micro + 1) * HF_BATCH)]
         batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
-        loss = reference(**batch).loss + fxattn.ssia_loss(reference)
-        (loss / accumulate).backward()
+        outputs = reference(**batch)
+        ssia = fxattn.ssia_loss(reference)
+        values.append(float(ssia))
+        ((outputs.loss + ssia) / accumulate).backward()
     opt.step()
-    return reference
+    return reference, values
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -99,8 +104,8 @@ def test_hf_trainer_step_matches_explicit_loss(tmp_path: Path, accumulate: int) 
     trainer = transformers.Trainer(model=net, args=_hf_args(tmp_path, accumulate, 1),
                                    train_dataset=_Images(HF_BATCH * accumulate))
     trainer.train()
-    reference = _explicit_hf_step(_hf_resnet(attach=False), _Images(HF_BATCH * accumulate),
-                                  accumulate)
+    reference, _ = _explicit_hf_step(_hf_resnet(attach=False), _Images(HF_BATCH * accumulate),
+                                     accumulate)
     _assert_same_parameters(net, reference)
 
 
@@ -110,9 +115,10 @@ def test_hf_trainer_save_resume_and_export(tmp_path: Path) -> None:
         return transformers.Trainer(model=net, args=args, train_dataset=_Images(16))
 
     trainer = trainer_for(_hf_resnet(attach=True), 4)
+    fxattn.log_ssia(trainer)
     trainer.train()
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    assert len(losses) == 4
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 4 and all(log["ssia_loss"] > 0 for log in logs)
     trainer.save_model(str(tmp_path / "final"))  # save_pretrained of the original class
     assert (tmp_path / "final" / "config.json").exists()
 
@@ -159,9 +165,15 @@ def test_hf_trainer_trains_a_text_model_with_accumulation(tmp_path: Path) -> Non
     assert net.plan.tracer == "torch.export" and net.plan.active_pairs
     trainer = transformers.Trainer(model=net, args=_hf_args(tmp_path, accumulate, 1),
                                    train_dataset=_Sentences(HF_BATCH * accumulate))
+    logged = fxattn.log_ssia(trainer)
+    assert trainer.callback_handler.callbacks[0] is logged  # before every reporter
     trainer.train()
     data = _Sentences(HF_BATCH * accumulate)
-    _assert_same_parameters(net, _explicit_hf_step(_hf_bert(attach=False), data, accumulate))
+    reference, values = _explicit_hf_step(_hf_bert(attach=False), data, accumulate)
+    _assert_same_parameters(net, reference)
+    # the step's log carries the mean SSIA value of its two micro-batches
+    (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert log["ssia_loss"] == pytest.approx(sum(values) / accumulate, rel=1e-5)
 
     lean = fxattn.strip_ssia(net.eval())
     report = fxattn.export_onnx(lean, tmp_path / "bert.onnx", {
@@ -196,9 +208,7 @@ def _lightning_module(net: nn.Module) -> Any:
 
         def training_step(self, batch: Any, _: int) -> torch.Tensor:
             x, y = batch
-            loss = nn.functional.cross_entropy(self.net(x), y)  # no SSIA term here
-            self.log("ssia", fxattn.ssia_loss(self.net))  # the detached value, for the logger
-            return loss
+            return nn.functional.cross_entropy(self.net(x), y)  # no SSIA term, no SSIA log
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=LR)
@@ -235,8 +245,8 @@ def test_lightning_step_matches_explicit_loss(tmp_path: Path, accumulate: int) -
     module = _lightning_module(_tv_resnet(attach=True))
     trainer = _lightning_trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate,
                                  enable_checkpointing=False)
+    fxattn.log_ssia(trainer)  # pl_module.log("ssia_loss", ...) after every training batch
     trainer.fit(module, train_dataloaders=_loader(batches))
-    assert trainer.callback_metrics["ssia"].item() > 0  # self.log reached the logger
 
     reference = _tv_resnet(attach=False)
     opt = torch.optim.SGD(reference.parameters(), lr=LR)
@@ -245,6 +255,9 @@ def test_lightning_step_matches_explicit_loss(tmp_path: Path, accumulate: int) -
         (loss / accumulate).backward()
     opt.step()
     _assert_same_parameters(module.net, reference)
+    # the last batch's value reached Lightning's metrics like the module's own self.log
+    assert trainer.callback_metrics["ssia_loss"].item() == pytest.approx(
+        float(fxattn.ssia_loss(reference)), rel=1e-5)
 
 
 def test_lightning_checkpoint_resume_and_export(tmp_path: Path) -> None:
@@ -347,3 +360,8 @@ def test_ultralytics_detection_trainer(tmp_path: Path) -> None:
     # the default rule: boxes in pixels are judged relative to their size (fxattn.verify)
     report = fxattn.export_onnx(lean, tmp_path / "yolo.onnx", x)
     assert report.verified
+
+
+def test_log_ssia_names_what_it_takes() -> None:
+    with pytest.raises(fxattn.ConfigError, match="transformers.Trainer or a Lightning Trainer"):
+        fxattn.log_ssia(object())
