@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import torch
 import torchvision
-from test_zoo_subset import _call, _floats
+from pipeline import call as _call
+from pipeline import floats as _floats
 
 import fxattn
 from fxattn.graph_module import DIA_ROOT, SSIA_ROOT
