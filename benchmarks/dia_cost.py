@@ -125,6 +125,9 @@ def verdicts(name: str, result: fxattn.BenchmarkResult) -> list[str]:
     entry = result.models["lean"]
     lines.append(f"- export (lean, with the rewrites): {entry.export_seconds:.1f} s; "
                  f"lean-noopt {result.models['lean-noopt'].export_seconds:.1f} s")
+    for variant, error in result.settings.get("dia_weights_failed_verification", {}).items():
+        lines.append(f"- {variant}: not timed, fails its tolerance on these random weights "
+                     f"({error})")
     return lines
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .config import Tolerance
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, VerificationError, first_line
 
 ENGINES = ("torch", "onnxruntime")
 
@@ -513,6 +513,7 @@ def benchmark(
         models = {name: ModelEntry(name, count_parameters(m)) for name, m in modules.items()}
         models["lean"].transform_seconds = transform_seconds
         sessions: dict[str, Any] = {}
+        unverified: dict[str, str] = {}  # low-precision variants that failed their tolerance
         with contextlib.ExitStack() as stack:
             folder = Path(out_dir) if out_dir is not None else Path(
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="fxattn-bench-")))
@@ -534,8 +535,14 @@ def benchmark(
                                                          threads=threads)
                 for mode in dia_weights:
                     name = f"lean-{mode}"
-                    models[name] = _lowp_variant(name, mode, lean, folder, inputs,
-                                                 tolerance or Tolerance())
+                    try:
+                        models[name] = _lowp_variant(name, mode, lean, folder, inputs,
+                                                     tolerance or Tolerance())
+                    except VerificationError as exc:
+                        # a precision this model cannot take is a result, not a crash: it is
+                        # reported with its error and not timed
+                        unverified[name] = first_line(exc)
+                        continue
                     sessions[name] = ort_session(str(folder / f"{name}.onnx"), threads=threads)
             latency = _measure(modules, sessions, inputs, engines, batch_sizes, runs, warmup,
                                progress)
@@ -546,6 +553,8 @@ def benchmark(
                 "input_shape": [list(t.shape) for t in inputs.tensors()],
                 "dia": repr(dia), "ssia": repr(ssia)}
     settings["unoptimized"] = unoptimized
+    if unverified:
+        settings["dia_weights_failed_verification"] = unverified
     result = BenchmarkResult(title or f"{type(model).__name__}: original vs lean", "original",
                              machine, settings, models, latency, command, accounts)
     if out_dir is not None:

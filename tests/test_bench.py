@@ -191,3 +191,23 @@ def test_cost_account_counts_dia_matrix_bytes_and_extra_passes() -> None:
     saved = result.to_dict()["cost"]["lean"]["1"]
     assert saved["dia_matrix_mb_per_image"] == pytest.approx(lean.dia_matrix_bytes / 1e6)
     assert "DIA's cost account" in result.to_markdown()
+
+
+def test_a_low_precision_variant_that_fails_its_tolerance_is_reported_not_timed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """int4 DIA weights held to a tolerance no quantisation meets fail verification: the
+    benchmark still times every other model and records why that one is missing."""
+    from fxattn import lowp
+    from fxattn.config import Tolerance
+
+    real = lowp.tolerance
+    monkeypatch.setattr(lowp, "tolerance", lambda mode, base: Tolerance(
+        atol=1e-12, rtol=1e-12, float64_check=False) if mode == "int4" else real(mode, base))
+    result = fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), ssia=False, batch_sizes=(1,),
+                              threads=1, runs=2, warmup=1, engines=("onnxruntime",),
+                              dia_weights=("int8", "int4"), progress=False)
+    assert "lean-int4" not in result.models and "lean-int8" in result.models
+    assert set(result.latency["onnxruntime"][1]) == {"original", "lean", "lean-int8"}
+    (error,) = result.settings["dia_weights_failed_verification"].values()
+    assert "onnxruntime and PyTorch disagree" in error
