@@ -700,8 +700,12 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
             path = Path(tmp) / "model.onnx"
             report = export_onnx(lean, path, inputs, verify=False)
             record.update(exporter=report.exporter, onnx_nodes=report.nodes)
+            # a model whose batch torch.export pinned exports statically: verify at that batch
+            batches = (report.static_batch,) * 2 if report.static_batch else (2, 3)
+            if report.static_batch:
+                record["static_batch"] = report.static_batch
             stage = "parity"
-            check = verify_onnx(str(path), lean, ExampleInputs.from_user(inputs), (2, 3),
+            check = verify_onnx(str(path), lean, ExampleInputs.from_user(inputs), batches,
                                 Tolerance(), raise_on_failure=False)
             record.update(max_abs_error=check.max_abs_error, max_rel_error=check.max_rel_error,
                           margin=check.margin, parity_rule=check.rule,
@@ -716,7 +720,7 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
                 )
             if not check.passed:
                 raise AssertionError(f"onnxruntime vs PyTorch: {check.summary()}")
-            record["perturbed"] = _perturbation_check(lean, path, inputs)
+            record["perturbed"] = _perturbation_check(lean, path, inputs, batches)
         record["status"] = "ok"
         stage = "done"
     except Exception as exc:  # noqa: BLE001 - the record names the stage and the reason
@@ -729,7 +733,9 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
     return record
 
 
-def _perturbation_check(lean: Any, path: Path, inputs: Any) -> dict[str, Any]:
+def _perturbation_check(
+    lean: Any, path: Path, inputs: Any, batches: tuple[int, int] = (2, 3)
+) -> dict[str, Any]:
     """The other side of the margin: does the rule catch one weight scaled by ``1 + 1e-3``?
 
     The weight of the middle and of the last Conv / Gemm / MatMul node of the exported graph is
@@ -761,7 +767,7 @@ def _perturbation_check(lean: Any, path: Path, inputs: Any) -> dict[str, Any]:
         return {"skipped": "no Conv/Gemm/MatMul weight initializer"}
     tol = Tolerance()
     example = ExampleInputs.from_user(inputs)
-    probe = example.with_batch(2, torch.Generator().manual_seed(7))
+    probe = example.with_batch(batches[0], torch.Generator().manual_seed(7))
     clean_session = ort_session(str(path))
     clean = clean_session.run(None, ort_feed(clean_session, probe))
     record: dict[str, Any] = {}
@@ -778,7 +784,7 @@ def _perturbation_check(lean: Any, path: Path, inputs: Any) -> dict[str, Any]:
         effect = max((float(element_ratios(m, c, tol.atol, tol.rtol).max())
                       for m, c in zip(moved, clean, strict=True)
                       if c.dtype.kind == "f" and c.size), default=0.0)
-        check = verify_onnx(str(perturbed), lean, example, (2, 3), tol, raise_on_failure=False)
+        check = verify_onnx(str(perturbed), lean, example, batches, tol, raise_on_failure=False)
         record[which] = {"initializer": name, "effect": effect, "caught": not check.passed,
                          "margin": check.margin, "float64_margin": check.float64_margin}
         perturbed.unlink()

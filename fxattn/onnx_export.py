@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .config import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
@@ -75,6 +75,7 @@ class ExportReport:
     verified: bool
     verification: VerificationReport | None = None
     notes: list[str] = field(default_factory=list)
+    static_batch: int | None = None  # the only batch size the ONNX model takes, if fixed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,6 +218,7 @@ def _run_exporter(
     tmp: Path,
     opset: int | None,
     optimize: bool = True,
+    dynamic_batch: bool = True,
 ) -> None:
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
@@ -228,7 +230,7 @@ def _run_exporter(
                 str(tmp),
                 kwargs=inputs.kwargs or None,
                 dynamo=True,
-                dynamic_shapes=_dynamic_shapes(module, inputs),
+                dynamic_shapes=_dynamic_shapes(module, inputs) if dynamic_batch else None,
                 opset_version=opset,
                 external_data=False,
                 optimize=optimize,
@@ -246,13 +248,18 @@ def _run_exporter(
                 kwargs=kwargs or None,
                 dynamo=False,
                 input_names=names,
-                dynamic_axes={name: {0: "batch"} for name in names},
+                dynamic_axes={name: {0: "batch"} for name in names} if dynamic_batch else None,
                 opset_version=opset or 17,
             )
 
 
 def _export_checked(
-    kind: str, module: nn.Module, inputs: ExampleInputs, tmp: Path, opset: int | None
+    kind: str,
+    module: nn.Module,
+    inputs: ExampleInputs,
+    tmp: Path,
+    opset: int | None,
+    dynamic_batch: bool = True,
 ) -> list[str]:
     """One export attempt into ``tmp``, which then passes ``onnx.checker``; returns notes.
 
@@ -273,7 +280,7 @@ def _export_checked(
         # the layout rewrites only in the "+compat" attempt; the fixes for wrong numbers always
         compat = ExportCompatMode(layout_rewrites=variant == "compat")
         with compat if exporter == "dynamo" else contextlib.nullcontext():
-            _run_exporter(exporter, module, inputs, tmp, opset, optimize)
+            _run_exporter(exporter, module, inputs, tmp, opset, optimize, dynamic_batch)
         _consolidate_external_data(tmp)
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
@@ -349,6 +356,7 @@ def export_onnx(
         raise ExportError(f"exporter={exporter!r} is not one of {', '.join(EXPORTERS)}")
     if not isinstance(module, nn.Module):
         raise InputError(f"export_onnx needs an nn.Module, got {type(module).__name__}")
+    fixed_batch = _fixed_batch(unwrap(module))
     if verify and (len(set(batch_sizes)) < 2 or any(b < 1 for b in batch_sizes)):
         raise ExportError(f"verify needs two distinct positive batch sizes, got {batch_sizes}")
     try:
@@ -384,8 +392,10 @@ def export_onnx(
         notes.append("exported the stripped (lean) evaluation graph of the fxattn module")
     elif module.training:
         module = copy.deepcopy(module).eval()
+    if fixed_batch is not None and inputs.batch_size != fixed_batch:
+        inputs = inputs.with_batch(fixed_batch, torch.Generator().manual_seed(seed))
     _check_runs(module, inputs)
-    export_inputs = _export_inputs(inputs)
+    export_inputs = _export_inputs(inputs) if fixed_batch is None else inputs
     order = {
         "auto": ["dynamo", "dynamo+compat", "torchscript"],
         "dynamo": ["dynamo", "dynamo+compat"],
@@ -397,7 +407,8 @@ def export_onnx(
         used = None
         for kind in order:
             try:
-                notes += _export_checked(kind, module, export_inputs, tmp, opset)
+                notes += _export_checked(kind, module, export_inputs, tmp, opset,
+                                         dynamic_batch=fixed_batch is None)
                 used = kind
                 break
             except Exception as exc:  # noqa: BLE001 - try the next exporter, report all
@@ -406,6 +417,14 @@ def export_onnx(
             raise ExportError(f"ONNX export failed ({'; '.join(failures)})")
         if failures:
             notes.append(f"fell back to the {used} exporter ({failures[0]})")
+        static = fixed_batch if fixed_batch is not None else _static_batch(tmp)
+        if static is not None and static != inputs.batch_size and fixed_batch is None:
+            # pinned at the export's batch of 2: export again at the user's own batch size
+            _export_checked(used, module, inputs, tmp, opset, dynamic_batch=False)
+            static = inputs.batch_size
+        if static is not None:
+            batch_sizes = (static, static)  # no other size runs: two fresh draws of it
+            notes.append(_static_batch_note(static, captured=fixed_batch is not None))
         if rewrites is not None:  # exact DIA rewrites; lowp below composes with them
             rewritten = optimize_onnx_file(tmp, rewrites)
             notes += [str(rewritten)] if rewritten.changed or rewritten.error else []
@@ -432,6 +451,7 @@ def export_onnx(
         onnx_parameters=initializers,
         export_seconds=seconds,
         batch_sizes=tuple(batch_sizes) if verify else (),
+        static_batch=static,
         max_abs_error=verification.max_abs_error if verification else 0.0,
         max_rel_error=verification.max_rel_error if verification else 0.0,
         atol=tol.atol,
@@ -440,6 +460,37 @@ def export_onnx(
         verification=verification,
         notes=notes,
     )
+
+
+def _static_batch(path: Path) -> int | None:
+    """The batch size of an export whose batch came out fixed although it was asked dynamic.
+
+    torch.onnx drops the dynamic shapes and exports statically when torch.export cannot keep a
+    dimension symbolic (a guard in the model's code pins it); it does so without an error.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            return int(dims[0].dim_value)
+    return None
+
+
+def _static_batch_note(batch: int, captured: bool) -> str:
+    where = ("when the model was captured (see the plan's notes)" if captured
+             else "in torch.export: a shape guard in the model's code pins it")
+    return (f"static batch {batch}: the batch could not be kept dynamic {where}; the ONNX "
+            f"model takes batches of {batch} only, verified on two fresh batches of {batch}")
+
+
+def _fixed_batch(module: nn.Module) -> int | None:
+    """The batch size a transformed model was captured at, when torch.export fixed it."""
+    info = getattr(module, "fxattn_info", None)  # a transformed model
+    if info is None and isinstance(module, fx.GraphModule):
+        info = module.meta.get("fxattn_info")  # its stripped (lean) graph
+    return getattr(info.plan, "fixed_batch", None) if info is not None else None
 
 
 def _is_detection_export(module: nn.Module, inputs: ExampleInputs) -> bool:

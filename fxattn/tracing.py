@@ -389,6 +389,9 @@ class DualGraphs:
     train: fx.GraphModule
     eval: fx.GraphModule
     tracer: str  # "torch.fx" (the export-based capture is recorded as "torch.export")
+    # The batch size torch.export specialised the graphs to, when it could not keep the batch
+    # dynamic (a shape guard in the model's code it cannot prove for every batch size).
+    fixed_batch: int | None = None
 
 
 # torch.fx symbolic tracing patches ``nn.Module.__call__`` (and autowrapped functions) for the
@@ -489,7 +492,9 @@ def export_dual(model: nn.Module, inputs: ExampleInputs) -> DualGraphs:
     parameters (``get_attr`` on their qualified names), keeps in-place ops (batch norm
     updates its running statistics in the training graph, as the module would) and bakes
     ``self.training`` into each graph, hence one capture per mode. The batch dimension of every
-    input is dynamic, so nothing is specialised to the example batch size. The unlifted
+    input is dynamic (``Dim.AUTO``; an example of batch 1 is captured on a fresh batch of 2),
+    so nothing is specialised to the example batch size - unless a shape guard in the model's
+    code pins it, which :attr:`DualGraphs.fixed_batch` then records. The unlifted
     graphs keep their pytree codegen: they take and return exactly what the model does (dicts,
     ``ModelOutput`` dataclasses, tuples).
 
@@ -497,20 +502,70 @@ def export_dual(model: nn.Module, inputs: ExampleInputs) -> DualGraphs:
     it under ``fxattn_const*``), so they share parameters like the ``torch.fx`` pair does.
     """
     was_training = model.training
-    graphs: dict[bool, fx.Graph] = {}
-    try:
-        for mode in (True, False):
-            model.train(mode)
-            graphs[mode] = _export_graph(model, inputs, prefix=f"fxattn_const_{mode:d}_")
-    finally:
-        model.train(was_training)
+    attempts = [inputs]
+    if inputs.batch_size < 2 and not inputs.batches()[1]:
+        # export specialises a dimension of size 1 (its 0/1 rule): capture on a batch of two
+        # fresh inputs shaped like the example first, so the graphs keep a dynamic batch
+        attempts.insert(0, inputs.with_batch(2, torch.Generator().manual_seed(0)))
+    for attempt in attempts:
+        graphs: dict[bool, fx.Graph] = {}
+        fixed: set[int] = set()
+        try:
+            for mode in (True, False):
+                model.train(mode)
+                graphs[mode], batch = _export_graph(
+                    model, attempt, prefix=f"fxattn_const_{mode:d}_")
+                fixed |= {batch} if batch is not None else set()
+        except Exception:
+            if attempt is inputs:
+                raise
+            fixed = {-1}  # the model rejects a batch of two: capture at the user's batch
+        finally:
+            model.train(was_training)
+        if not fixed or attempt is inputs:
+            break
+        # pinned anyway: capture at the user's own batch size, so their batches still run
+        _drop_lifted_constants(model)
     name = type(model).__name__
     train = fx.GraphModule(model, graphs[True], name)
     evaluation = fx.GraphModule(model, graphs[False], name)
-    return DualGraphs(root=model, train=train, eval=evaluation, tracer="torch.export")
+    return DualGraphs(root=model, train=train, eval=evaluation, tracer="torch.export",
+                      fixed_batch=max(fixed) if fixed else None)
 
 
-def _export_graph(model: nn.Module, inputs: ExampleInputs, prefix: str) -> fx.Graph:
+def _drop_lifted_constants(model: nn.Module) -> None:
+    """Remove the ``fxattn_const*`` attributes an earlier capture attached to ``model``."""
+    names = {*vars(model), *model._parameters, *model._buffers, *model._modules}
+    for key in sorted(k for k in names if k.startswith("fxattn_const_")):
+        delattr(model, key)  # nn.Module.__delattr__ handles parameters, buffers, submodules
+
+
+def _specialised_batch(program: torch.export.ExportedProgram) -> int | None:
+    """The batch size ``Dim.AUTO`` fell back to, if torch.export specialised it.
+
+    ``Dim.AUTO`` keeps a dimension symbolic where it can and silently makes it a constant
+    where a guard in the model's code pins it (torchvision's RAFT: ``torch.chunk`` of the two
+    images' features emits ``(3*B - 1) // B == 2``, true for every batch but not provable by
+    the symbolic solver). The graph then works at that batch only.
+    """
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if node.name in user_inputs and isinstance(value, torch.Tensor) and value.dim() >= 1:
+            size = value.shape[0]
+            if is_concrete_int(size):  # a plain int, or a SymInt that was made a constant
+                return int(size)
+            bounds = program.range_constraints.get(size.node.expr)
+            if bounds is not None and bounds.lower == bounds.upper:
+                return int(bounds.lower)
+    return None
+
+
+def _export_graph(
+    model: nn.Module, inputs: ExampleInputs, prefix: str
+) -> tuple[fx.Graph, int | None]:
     dynamic = torch.utils._pytree.tree_map(
         lambda leaf: {0: torch.export.Dim.AUTO} if isinstance(leaf, torch.Tensor) else None,
         (inputs.args, inputs.kwargs),
@@ -527,6 +582,7 @@ def _export_graph(model: nn.Module, inputs: ExampleInputs, prefix: str) -> fx.Gr
             strict=False,
         )
         unlifted = program.module()
+    fixed_batch = _specialised_batch(program)
     graph = unlifted.graph
     for node in list(graph.nodes):
         # The guard-checking submodule (when present) only re-validates input shapes.
@@ -555,7 +611,7 @@ def _export_graph(model: nn.Module, inputs: ExampleInputs, prefix: str) -> fx.Gr
             setattr(model, new_target, value)
         node.target = new_target
     graph.owning_module = None  # now rooted on ``model``; fx.GraphModule re-owns and checks it
-    return graph
+    return graph, fixed_batch
 
 
 def _fetch_attr(root: Any, target: str) -> Any:

@@ -113,6 +113,10 @@ class _Prepared:
                                  model_name=name)
         self.train_plan.model_parameters = parameters
         self.eval_plan.model_parameters = parameters
+        if self.graphs.fixed_batch is not None:
+            for plan in (self.train_plan, self.eval_plan):
+                plan.fixed_batch = self.graphs.fixed_batch
+                plan.notes.append(_fixed_batch_note(self.graphs.fixed_batch))
         train_keys = [s.key for s in self.train_plan.sites]
         eval_keys = [s.key for s in self.eval_plan.sites]
         if train_keys != eval_keys and dia is not None and all(
@@ -137,6 +141,15 @@ class _Prepared:
                 f"({len(train_keys)} vs {len(eval_keys)}); restrict DIA with "
                 "DIA(include=...)/exclude to the blocks present in both modes"
             )
+
+
+def _fixed_batch_note(batch: int) -> str:
+    return (
+        f"torch.export fixed the batch at {batch}: a shape guard in the model's code holds "
+        "for other batch sizes only beyond what its symbolic solver proves (a torch.export "
+        f"limitation; exporting the original model with a dynamic batch fails the same way). "
+        f"The transformed model and its ONNX export take batches of {batch} only"
+    )
 
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__)

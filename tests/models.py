@@ -145,3 +145,41 @@ class ResidualCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.stages(torch.relu(self.stem(x)))
         return self.head(features.flatten(2).mean(-1))
+
+
+class TwoViews(nn.Module):
+    """RAFT's pattern: both images through one encoder (``cat`` on the batch), then ``chunk``.
+
+    The shape check makes ``torch.fx`` fail (a Python ``if`` on sizes), so it is captured with
+    ``torch.export``, whose symbolic solver cannot prove the guard ``chunk`` emits for a shared
+    batch: its ONNX export comes out with a static batch.
+    """
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.Sequential(_ResidualBlock(2, width), _ResidualBlock(2, width))
+        self.head = nn.Conv2d(2 * width, 2, 1)
+
+    def forward(self, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
+        if image1.shape[-2:] != image2.shape[-2:]:
+            raise ValueError("the two images differ in size")
+        features = self.blocks(self.stem(torch.cat([image1, image2], 0)))
+        first, second = torch.chunk(features, 2, dim=0)
+        return self.head(torch.cat([first, second], 1))
+
+
+class PinnedBatch(nn.Module):
+    """A residual CNN that checks its batch size in Python (``torch.fx`` cannot trace the
+    check; ``torch.export`` specialises the batch to the checked value)."""
+
+    def __init__(self, batch: int, width: int = 8) -> None:
+        super().__init__()
+        self.batch = batch
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.Sequential(_ResidualBlock(2, width), _ResidualBlock(2, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.batch:
+            raise ValueError(f"this model takes batches of {self.batch}")
+        return self.blocks(self.stem(x)).mean((2, 3))

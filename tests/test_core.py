@@ -10,7 +10,7 @@ import timm
 import torch
 import torchvision
 from conftest import assert_state_equal, state_snapshot
-from models import CifarResNet
+from models import CifarResNet, PinnedBatch, TwoViews
 
 import fxattn
 from fxattn.graph_module import DIA_ROOT, SSIA_ROOT
@@ -168,3 +168,39 @@ def test_both_exporters_export_a_lean_graph_module_with_a_dynamic_batch(
     report = export_onnx(lean, tmp_path / "m.onnx", inputs, exporter=exporter)
     assert report.exporter == exporter and report.batch_sizes == (2, 3)
     assert report.max_abs_error <= 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_batch_torch_export_pins_is_exported_static_and_verified_at_that_batch(
+    batch: int, tmp_path: Path
+) -> None:
+    """torch.onnx silently exports a static batch when torch.export pins it (RAFT's
+    ``chunk``): the report says so and verifies at the user's batch, instead of onnxruntime
+    refusing the second batch size with 'invalid dimensions'."""
+    inputs = {"image1": torch.randn(batch, 3, 16, 16), "image2": torch.randn(batch, 3, 16, 16)}
+    net = fxattn.transform(TwoViews(), inputs, ssia=False)
+    assert net.plan.tracer == "torch.export" and net.plan.fixed_batch is None
+    for other in (1, 3):  # the PyTorch model keeps a dynamic batch
+        assert net(torch.randn(other, 3, 16, 16), torch.randn(other, 3, 16, 16)).shape[0] == other
+    report = export_onnx(fxattn.strip_ssia(net), tmp_path / "m.onnx", inputs)
+    assert report.static_batch == batch and report.batch_sizes == (batch, batch)
+    assert any(note.startswith(f"static batch {batch}:") for note in report.notes)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert [i.type.tensor_type.shape.dim[0].dim_value for i in graph.input] == [batch, batch]
+    assert report.verification is not None and report.verification.passed
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_batch_pinned_at_capture_is_in_the_plan_and_the_export(
+    batch: int, tmp_path: Path
+) -> None:
+    """A model whose code pins the batch: the plan says so, the transformed model still runs
+    at the user's batch (a batch of 1 is not traded for the capture's batch of 2), and the
+    ONNX model is exported and verified at that batch."""
+    x = torch.randn(batch, 3, 16, 16)
+    net = fxattn.transform(PinnedBatch(batch), x)
+    assert net.plan.fixed_batch == batch
+    assert any(f"fixed the batch at {batch}" in note for note in net.plan.notes)
+    assert net(x).shape == (batch, 8)
+    report = export_onnx(fxattn.strip_ssia(net), tmp_path / "m.onnx", x)
+    assert report.static_batch == batch and report.verification.passed

@@ -34,6 +34,9 @@ class Plan:
     ssia: SSIA | None
     ssia_parameters: int = 0
     notes: list[str] = field(default_factory=list)
+    # set when torch.export could only capture the model at this batch size (see
+    # fxattn.tracing.DualGraphs.fixed_batch): the transformed model and its export take it only
+    fixed_batch: int | None = None
 
     @property
     def dia_parameters(self) -> int:
