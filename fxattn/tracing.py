@@ -492,7 +492,7 @@ def export_dual(model: nn.Module, inputs: ExampleInputs) -> DualGraphs:
     parameters (``get_attr`` on their qualified names), keeps in-place ops (batch norm
     updates its running statistics in the training graph, as the module would) and bakes
     ``self.training`` into each graph, hence one capture per mode. The batch dimension of every
-    input is dynamic (``Dim.AUTO``; an example of batch 1 is captured on a fresh batch of 2),
+    input is dynamic (``Dim.AUTO``; an example of batch 1 is captured repeated twice),
     so nothing is specialised to the example batch size - unless a shape guard in the model's
     code pins it, which :attr:`DualGraphs.fixed_batch` then records. The unlifted
     graphs keep their pytree codegen: they take and return exactly what the model does (dicts,
@@ -504,9 +504,11 @@ def export_dual(model: nn.Module, inputs: ExampleInputs) -> DualGraphs:
     was_training = model.training
     attempts = [inputs]
     if inputs.batch_size < 2 and not inputs.batches()[1]:
-        # export specialises a dimension of size 1 (its 0/1 rule): capture on a batch of two
-        # fresh inputs shaped like the example first, so the graphs keep a dynamic batch
-        attempts.insert(0, inputs.with_batch(2, torch.Generator().manual_seed(0)))
+        # export specialises a dimension of size 1 (its 0/1 rule): capture on the example
+        # repeated twice first (valid ids and masks stay valid), so the batch stays dynamic
+        attempts.insert(0, ExampleInputs(*torch.utils._pytree.tree_map(
+            lambda leaf: torch.cat([leaf, leaf]) if isinstance(leaf, torch.Tensor)
+            and leaf.dim() >= 1 else leaf, (inputs.args, inputs.kwargs))))
     for attempt in attempts:
         graphs: dict[bool, fx.Graph] = {}
         fixed: set[int] = set()
