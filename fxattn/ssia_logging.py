@@ -10,7 +10,12 @@ training (micro-)step:
   ``logs`` every reporting integration receives (the callback is put first, so TensorBoard,
   W&B and the console see it);
 - Lightning: ``pl_module.log("ssia_loss", value)`` on every training batch, so it reaches the
-  configured logger and the progress bar like the module's own metrics.
+  configured logger and the progress bar like the module's own metrics;
+- ultralytics: ``ssia_loss`` joins the criterion's loss items of every training forward, so
+  the trainer treats it like ``box_loss``: its running mean in the progress bar, a
+  ``train/ssia_loss`` column in ``results.csv``. It is not part of the loss the trainer
+  backpropagates (the attached term already trains SSIA). ``val/ssia_loss`` stays 0: SSIA
+  does not run in evaluation.
 
 The transformed module is found inside the framework's model (the first module fxattn
 transformed, or a scoped model), so a ``LightningModule`` wrapping it works unchanged.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import ConfigError, SSIALossUnavailableError
@@ -100,11 +106,55 @@ def _lightning_callback() -> Any:
     return SSIALogCallback()
 
 
+class SSIALossItems:
+    """An ultralytics criterion whose loss items gain ``ssia_loss`` in training forwards.
+
+    ultralytics' ``model.loss(batch)`` returns ``criterion(preds, batch)``: the loss to
+    backpropagate and a dict of detached items the trainer averages and prints. This wrapper
+    leaves the loss alone and adds the SSIA value of the forward that made ``preds``. It holds
+    the transformed module, so a deep copy or a pickle of the module keeps the pair together.
+    """
+
+    def __init__(self, criterion: Any, net: nn.Module) -> None:
+        self.criterion = criterion
+        self.net = net
+
+    def __call__(self, preds: Any, batch: Any) -> Any:
+        loss, items = self.criterion(preds, batch)
+        value = latest_ssia(self.net) if self.net.training else None
+        if value is not None and isinstance(items, dict) and items:
+            reference = next(iter(items.values()))
+            items = {**items, SSIA_LOG_KEY: torch.as_tensor(
+                value, dtype=reference.dtype, device=reference.device)}
+        return loss, items
+
+    def __getattr__(self, name: str) -> Any:  # the criterion's own attributes (hyp, stride)
+        if name in ("criterion", "net") or name.startswith("__"):
+            raise AttributeError(name)  # not set yet: unpickling, copying
+        return getattr(self.criterion, name)
+
+
+def _install_ultralytics_items(trainer: Any) -> None:
+    """``on_train_start``: wrap the criterion of the transformed module the trainer trains."""
+    model = getattr(trainer.model, "module", trainer.model)  # DDP wraps it in ``module``
+    net = transformed_in(model)
+    if net is None:
+        raise ConfigError(
+            f"log_ssia: the ultralytics trainer trains a {type(model).__name__}, not a module "
+            "fxattn transformed; set trainer.model = fxattn.transform(...) before train()"
+        )
+    if getattr(net, "criterion", None) is None:
+        net.criterion = net.init_criterion()
+    if not isinstance(net.criterion, SSIALossItems):
+        net.criterion = SSIALossItems(net.criterion, net)
+
+
 def log_ssia(trainer: Any) -> Any:
     """Log the SSIA loss per step through ``trainer``'s own logging; returns the callback.
 
-    ``trainer`` is a ``transformers.Trainer`` or a Lightning ``Trainer`` (``lightning`` or
-    ``pytorch_lightning``), already built::
+    ``trainer`` is a ``transformers.Trainer``, a Lightning ``Trainer`` (``lightning`` or
+    ``pytorch_lightning``) or an ultralytics trainer (``DetectionTrainer`` and the other
+    tasks' trainers, which train the model they are handed), already built::
 
         trainer = transformers.Trainer(model=net, args=args, train_dataset=ds)
         fxattn.log_ssia(trainer)            # logs now carry "ssia_loss"
@@ -122,10 +172,15 @@ def log_ssia(trainer: Any) -> Any:
             callback = _lightning_callback()
             trainer.callbacks.append(callback)
             return callback
+        if where == "ultralytics.engine.trainer.BaseTrainer":
+            # the model is set up (moved, wrapped in DDP) inside train(): wrap it then
+            trainer.add_callback("on_train_start", _install_ultralytics_items)
+            return _install_ultralytics_items
     raise ConfigError(
-        f"log_ssia takes a transformers.Trainer or a Lightning Trainer, got {kind}; in a loop "
+        f"log_ssia takes a transformers.Trainer, a Lightning Trainer or an ultralytics "
+        f"trainer, got {kind}; in a loop "
         "of your own, log fxattn.ssia_loss(net) after each training forward"
     )
 
 
-__all__ = ["SSIA_LOG_KEY", "log_ssia"]
+__all__ = ["SSIA_LOG_KEY", "SSIALossItems", "log_ssia"]

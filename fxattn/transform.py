@@ -307,7 +307,8 @@ def _build(
             ssia_module.add_module("attach", SSIAAttach())
         device, dtype = _placement(root, prepared.inputs)
         root.add_module(SSIA_ROOT, ssia_module.to(device=device, dtype=dtype))
-        train_graph, _ = insert_ssia(train_graph, plan.taps, replaced, attach=ssia_cfg.attach)
+        train_graph, _ = insert_ssia(train_graph, plan.taps, replaced, attach=ssia_cfg.attach,
+                                     root=root)
     info = TransformInfo(
         plan=plan,
         dia=dia_cfg.to_dict() if dia_cfg else None,

@@ -183,3 +183,26 @@ class PinnedBatch(nn.Module):
         if x.shape[0] != self.batch:
             raise ValueError(f"this model takes batches of {self.batch}")
         return self.blocks(self.stem(x)).mean((2, 3))
+
+
+class _InPlaceBlock(nn.Module):
+    def __init__(self, channels: int, inplace: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.ReLU(inplace=inplace)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.conv(x))
+
+
+class ConstantResolution(nn.Module):
+    """Six residual blocks at one resolution, each ending in ``ReLU(inplace=...)`` right after
+    its add: SSIA taps the adds, which the in-place ReLU then overwrites (timm's byobnet)."""
+
+    def __init__(self, inplace: bool = True, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.Sequential(*[_InPlaceBlock(width, inplace) for _ in range(6)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x)).mean((2, 3))

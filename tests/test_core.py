@@ -10,7 +10,7 @@ import timm
 import torch
 import torchvision
 from conftest import assert_state_equal, state_snapshot
-from models import CifarResNet, PinnedBatch, TwoViews
+from models import CifarResNet, ConstantResolution, PinnedBatch, TwoViews
 
 import fxattn
 from fxattn.graph_module import DIA_ROOT, SSIA_ROOT
@@ -204,3 +204,25 @@ def test_a_batch_pinned_at_capture_is_in_the_plan_and_the_export(
     assert net(x).shape == (batch, 8)
     report = export_onnx(fxattn.strip_ssia(net), tmp_path / "m.onnx", x)
     assert report.static_batch == batch and report.verification.passed
+
+
+def test_a_tap_the_model_overwrites_in_place_trains_like_an_out_of_place_one() -> None:
+    """SSIA's map of a tap that ``ReLU(inplace=True)`` then overwrites reads a clone (else the
+    backward fails: 'modified by an inplace operation'); loss and gradients equal those of the
+    same model with ``inplace=False``, and the lean graph has no clone."""
+    x = torch.randn(2, 3, 8, 8)
+    weights = ConstantResolution().state_dict()
+    grads = []
+    for inplace in (True, False):
+        model = ConstantResolution(inplace)
+        model.load_state_dict(weights)
+        torch.manual_seed(0)  # the same DIA weights in both
+        net = fxattn.transform(model, x)
+        (net(x).sum() + fxattn.ssia_loss(net)).backward()
+        grads.append({k: p.grad.clone() for k, p in net.named_parameters()})
+        clones = [n for n in net.train_graph.nodes if n.target == "clone"]
+        assert len(clones) == (len(net.plan.taps) if inplace else 0)
+        assert not any(n.target == "clone" for n in fxattn.strip_ssia(net).graph.nodes)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)

@@ -11,6 +11,7 @@ model exports to ONNX verified in onnxruntime. Tiny models, random weights, gene
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -342,12 +343,21 @@ def test_ultralytics_detection_trainer(tmp_path: Path) -> None:
         exist_ok=True, pretrained=False, verbose=False, seed=0, deterministic=True))
     trainer.model = net  # ultralytics uses a model it is handed as is
     trainer.add_callback("on_pretrain_routine_end", _square_validation)
+    fxattn.log_ssia(trainer)  # "ssia_loss" joins the loss items
     before = {k: v.detach().clone() for k, v in net.state_dict().items()}
     trainer.train()
     moved = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("fxattn_dia.") for k in moved)  # DIA trained
     assert fxattn.ssia_loss(net).item() > 0  # the attached term ran in training forwards
-    assert set(trainer.loss_items) >= {"box_loss", "cls_loss", "dfl_loss"}
+    assert set(trainer.loss_items) == {"box_loss", "cls_loss", "dfl_loss", "ssia_loss"}
+    # the item is the last training forward's SSIA value (the validator ran in eval since)
+    assert "ssia_loss" in trainer.loss_names and trainer.tloss["ssia_loss"].item() > 0
+    with (Path(trainer.save_dir) / "results.csv").open() as f:
+        row = next(csv.DictReader(f))
+    logged = {k.strip(): float(v) for k, v in row.items()}
+    assert logged["train/ssia_loss"] == pytest.approx(trainer.tloss["ssia_loss"].item(),
+                                                      rel=1e-4, abs=1e-5)
+    assert logged["train/box_loss"] > 0
 
     checkpoint = torch.load(trainer.last, weights_only=False)  # ultralytics pickles the module
     reloaded = checkpoint["model"].float().eval()
@@ -363,5 +373,5 @@ def test_ultralytics_detection_trainer(tmp_path: Path) -> None:
 
 
 def test_log_ssia_names_what_it_takes() -> None:
-    with pytest.raises(fxattn.ConfigError, match="transformers.Trainer or a Lightning Trainer"):
+    with pytest.raises(fxattn.ConfigError, match="a Lightning Trainer or an ultralytics"):
         fxattn.log_ssia(object())

@@ -15,9 +15,11 @@ is modified. One concept per module (see the README's "How it works"):
 """
 
 from .groups import DIAModuleSpec, dia_module_parameters
+from .ops import modifies_in_place
 from .pairs import Pair
 from .plan import Plan, analyze
 from .sites import Site
 from .taps import Tap
 
-__all__ = ["DIAModuleSpec", "Pair", "Plan", "Site", "Tap", "analyze", "dia_module_parameters"]
+__all__ = ["DIAModuleSpec", "Pair", "Plan", "Site", "Tap", "analyze", "dia_module_parameters",
+           "modifies_in_place"]

@@ -176,3 +176,31 @@ def int_list(value: Any) -> list[int] | None:
     if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
         return list(value)
     return None
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def modifies_in_place(user: fx.Node, value: fx.Node, root: nn.Module) -> bool:
+    """Whether ``user`` writes into ``value``'s storage (``ReLU(inplace=True)``, ``x.add_``,
+    ``x += y``, ``F.relu(x, inplace=True)``, ``aten.relu_``): a tensor autograd saved from
+    ``value`` for backward is then stale, and the backward fails."""
+    if not user.args or user.args[0] is not value:
+        return False
+    target = user.target
+    if user.op == "call_module":
+        try:
+            return getattr(root.get_submodule(str(target)), "inplace", False) is True
+        except AttributeError:
+            return False
+    if user.kwargs.get("inplace") is True:
+        return True
+    if user.op == "call_method":
+        return str(target).endswith("_") and not str(target).startswith("__")
+    if user.op == "call_function":
+        if target in _IN_PLACE_OPERATORS:
+            return True
+        if isinstance(target, torch._ops.OpOverload):
+            return target._schema.name.endswith("_")  # aten::relu_, aten::add_
+        return getattr(target, "__name__", "").endswith("_")  # torch.relu_, torch.add_
+    return False
