@@ -710,6 +710,8 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
             record.update(max_abs_error=check.max_abs_error, max_rel_error=check.max_rel_error,
                           margin=check.margin, parity_rule=check.rule,
                           worst=check.worst.describe() if check.worst else None)
+            if check.notes:  # e.g. why no float64 check could run
+                record["parity_notes"] = list(check.notes)
             if check.float64_noise is not None:
                 record.update(float64_margin=check.float64_margin,
                               float64_noise=check.float64_noise)

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .config import DEFAULT_ATOL, DEFAULT_FLOAT64_FACTOR, DEFAULT_RTOL, Tolerance
@@ -109,6 +110,36 @@ class _Comparison:
     worst: WorstElement | None
     max_abs: float
     max_rel: float
+
+
+_NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _Float64Everywhere(TorchDispatchMode):
+    """Every float dtype an op asks for becomes float64 (and so does the default dtype).
+
+    ``module.double()`` converts parameters and buffers, but a captured graph spells the
+    model's casts out: an RMSNorm's ``x.float()`` is ``aten._to_copy(dtype=float32)``, an
+    ``arange`` or a ``softmax`` names float32. Without this, such a graph either fails on mixed
+    dtypes (no float64 check at all) or computes parts in float32 (a reference that is not one).
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        def widen(value: Any) -> Any:
+            return torch.float64 if isinstance(value, torch.dtype) and value in _NARROW_FLOATS \
+                else value
+
+        return func(*tree_map(widen, args), **tree_map(widen, kwargs or {}))
+
+    def __enter__(self) -> _Float64Everywhere:
+        self._default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_default_dtype(self._default)
+        super().__exit__(*exc)
 
 
 def _as_float64(value: Any) -> Any:
@@ -258,7 +289,7 @@ def _float64_rule(module: nn.Module, runs: list[Any], names: Sequence[str], tol:
         if comparison.ratio <= 1.0:
             continue
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _Float64Everywhere():
                 reference = _tensor_outputs(
                     double(*_as_float64(batch_inputs.args), **_as_float64(batch_inputs.kwargs))
                 )

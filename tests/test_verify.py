@@ -64,6 +64,15 @@ class Cancellation(nn.Module):
         return self.a(x) - self.b(x)
 
 
+class CastingCancellation(Cancellation):
+    """The same, with the explicit float32 casts of an RMSNorm (``x.float()``, a softmax's
+    ``dtype=torch.float32``) that a captured graph spells out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.ones(1, dtype=torch.float32)  # a float32 constant made in the forward
+        return (self.a(x.float()) - self.b(x.to(torch.float32))) * scale
+
+
 def small_lean() -> torch.fx.GraphModule:
     torch.manual_seed(0)
     return fxattn.strip_ssia(fxattn.transform(CifarResNet(depth=11, num_classes=10).eval(), X))
@@ -160,6 +169,17 @@ def test_ill_conditioned_outputs_pass_by_the_float64_rule(tmp_path: Path) -> Non
     assert "ill-conditioned" in str(report)
     with pytest.raises(fxattn.VerificationError, match="disagree"):
         export_onnx(model, tmp_path / "strict.onnx", x, float64_check=False)
+
+
+def test_the_float64_run_widens_the_casts_a_graph_spells_out(tmp_path: Path) -> None:
+    """Without widening, ``x.float()`` meets float64 weights and the float64 check cannot run
+    at all (the model then fails); with it the reference is float64 throughout."""
+    model = CastingCancellation().eval()
+    report = export_onnx(model, tmp_path / "cast.onnx", torch.randn(2, 256))
+    check = report.verification
+    assert check.rule == "float64" and check.margin > 1.0 and check.float64_margin <= 1.0
+    assert not any("no float64 check" in note for note in check.notes)
+    assert torch.get_default_dtype() == torch.float32  # restored after the float64 run
 
 
 def test_report_names_the_worst_element(exported: tuple[torch.fx.GraphModule, Path]) -> None:
