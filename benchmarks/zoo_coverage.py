@@ -756,7 +756,7 @@ def _perturbation_check(
     from fxattn.onnx_files import external_data_path
     from fxattn.runtime import ort_feed, ort_session
     from fxattn.tracing import ExampleInputs
-    from fxattn.verify import _ratios as element_ratios
+    from fxattn.verify import element_ratios
 
     if external_data_path(path).exists():
         return {"skipped": "model over 2 GB"}

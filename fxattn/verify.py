@@ -155,9 +155,13 @@ def _tensor_outputs(result: Any) -> list[np.ndarray]:
             .cpu().numpy() for t in tensors]
 
 
-def _ratios(got: np.ndarray, want: np.ndarray, atol: float, rtol: float,
-            extra: float = 0.0) -> np.ndarray:
-    """``|got - want| / (atol + rtol |want| + extra)`` elementwise; NaN/inf handled exactly."""
+def element_ratios(got: np.ndarray, want: np.ndarray, atol: float, rtol: float,
+                   extra: float = 0.0) -> np.ndarray:
+    """``|got - want| / (atol + rtol |want| + extra)`` elementwise; NaN/inf handled exactly.
+
+    The verification rule's own measure: an element passes when its ratio is at most 1
+    (benchmarks use it to say how far a perturbation moves an output in the rule's units).
+    """
     if want.dtype.kind not in "fc":  # integers and booleans: exact
         return np.where(got == want, 0.0, np.inf)
     a, w = got.astype(np.float64), want.astype(np.float64)
@@ -185,7 +189,7 @@ def _compare(batch: int, actual: Sequence[np.ndarray], expected: Sequence[np.nda
             )
         if want.size == 0:
             continue
-        ratio = _ratios(got, want, tol.atol, tol.rtol)
+        ratio = element_ratios(got, want, tol.atol, tol.rtol)
         if want.dtype.kind in "fc":
             diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
             finite = diff[np.isfinite(diff)]
@@ -298,12 +302,12 @@ def _float64_rule(module: nn.Module, runs: list[Any], names: Sequence[str], tol:
             return
         for got, want32, want64 in zip(actual, expected, reference, strict=True):
             if want32.dtype.kind not in "fc" or want32.size == 0:
-                ratio = _ratios(got, want32, tol.atol, tol.rtol)
+                ratio = element_ratios(got, want32, tol.atol, tol.rtol)
             else:
                 gap = np.abs(want32.astype(np.float64) - want64.astype(np.float64))
                 noise = float(np.nanmax(gap)) if np.isfinite(gap).any() else 0.0
                 noise_max = max(noise_max, noise)
-                ratio = _ratios(got, want64, tol.atol, tol.rtol, tol.float64_factor * noise)
+                ratio = element_ratios(got, want64, tol.atol, tol.rtol, tol.float64_factor * noise)
             worst_ratio = max(worst_ratio, float(ratio.max()) if ratio.size else 0.0)
     report.float64_margin, report.float64_noise = worst_ratio, noise_max
     if worst_ratio <= 1.0:
@@ -329,4 +333,4 @@ def _failure_message(report: VerificationReport) -> str:
 
 
 __all__ = ["DEFAULT_ATOL", "DEFAULT_FLOAT64_FACTOR", "DEFAULT_RTOL", "Tolerance",
-           "VerificationReport", "WorstElement", "verify_onnx"]
+           "VerificationReport", "WorstElement", "element_ratios", "verify_onnx"]

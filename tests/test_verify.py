@@ -25,7 +25,7 @@ from fxattn.config import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
 from fxattn.lowp import LOWP_ATOL, LOWP_RTOL, tolerance
 from fxattn.onnx_export import export_onnx
 from fxattn.tracing import ExampleInputs
-from fxattn.verify import _ratios, verify_onnx
+from fxattn.verify import element_ratios, verify_onnx
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -120,18 +120,18 @@ def test_elementwise_rule_is_numpy_allclose(want: np.ndarray, noise: np.ndarray,
     if atol == 0 and rtol == 0:
         return
     got = want * (1 + noise) + noise
-    ratio = _ratios(got, want, atol, rtol)
+    ratio = element_ratios(got, want, atol, rtol)
     expected = np.isclose(got, want, rtol=rtol, atol=atol)
     np.testing.assert_array_equal(ratio <= 1.0, expected)
 
 
 def test_nan_inf_and_integer_outputs_compare_exactly() -> None:
     want = np.array([np.nan, np.inf, -np.inf, 1.0], np.float32)
-    assert (_ratios(want.copy(), want, 1e-5, 1e-4) == 0).all()
+    assert (element_ratios(want.copy(), want, 1e-5, 1e-4) == 0).all()
     wrong = np.array([0.0, -np.inf, np.inf, 1.0], np.float32)
-    assert list(_ratios(wrong, want, 1e-5, 1e-4)) == [np.inf, np.inf, np.inf, 0.0]
+    assert list(element_ratios(wrong, want, 1e-5, 1e-4)) == [np.inf, np.inf, np.inf, 0.0]
     labels = np.array([3, 1, 2])
-    assert list(_ratios(np.array([3, 1, 0]), labels, 1.0, 1.0)) == [0.0, 0.0, np.inf]
+    assert list(element_ratios(np.array([3, 1, 0]), labels, 1.0, 1.0)) == [0.0, 0.0, np.inf]
 
 
 def test_tolerance_validates_and_loosens() -> None:
