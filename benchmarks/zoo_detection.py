@@ -63,7 +63,7 @@ def run_detection_pipeline(model_id: str, first_line: Callable[[BaseException], 
 
     import fxattn
     from fxattn.errors import AnalysisError, ConfigError, InputError, VerificationError
-    from fxattn.export_detection import export_detector, verify_detections
+    from fxattn.export_detection import _check_parts, export_detector, verify_detections
 
     torch.set_num_threads(1)
     family, name = model_id.split(":", 1)
@@ -128,6 +128,14 @@ def run_detection_pipeline(model_id: str, first_line: Callable[[BaseException], 
                           borderline=match.borderline, ties=match.ties,
                           max_box_error=match.max_box_error,
                           max_score_error=match.max_score_error)
+            if match.float64_problems is not None:  # passed by the float64 rule
+                record.update(float64_problems=match.float64_problems,
+                              float64_own_problems=match.float64_own_problems)
+            # random-weight detections barely depend on the backbone: verify the transformed
+            # parts elementwise on their own too (export_detector does the same)
+            record["part_margins"] = {
+                part: check.verification.margin
+                for part, check in _check_parts(lean).items() if check.verification}
         record["status"] = "ok"
         stage = "done"
     except Exception as exc:  # noqa: BLE001 - the record names the stage and the reason

@@ -69,6 +69,9 @@ class DetectionExportReport:
     verified: bool
     notes: list[str] = field(default_factory=list)
     parts: dict[str, ExportReport] = field(default_factory=dict)  # when the whole failed
+    # a scoped model's transformed parts, each also exported on its own and verified
+    # elementwise: random-weight detections barely depend on them (see the README)
+    part_checks: dict[str, ExportReport] = field(default_factory=dict)
 
     @property
     def whole_model(self) -> bool:
@@ -83,6 +86,8 @@ class DetectionExportReport:
             "match": self.match.to_dict(), "rule": asdict(self.rule),
             "verified": self.verified, "notes": list(self.notes),
             "parts": {path: report.to_dict() for path, report in self.parts.items()},
+            "part_checks": {path: report.to_dict()
+                            for path, report in self.part_checks.items()},
         }
 
     def __str__(self) -> str:
@@ -114,6 +119,9 @@ class DetectionExportReport:
                     f"run ({m.float64_own_problems} problem(s)); onnxruntime has "
                     f"{m.float64_problems} against it - passed by the float64 rule"
                 )
+        for path, check in self.part_checks.items():
+            lines.append(f"part {path!r} exported alone and verified elementwise: "
+                         f"{check.verification.summary() if check.verification else 'ok'}")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -342,6 +350,7 @@ def export_detector(
                              "detection kept (score_threshold=0)")
             proto = onnx.load(str(tmp))
             file_bytes = onnx_file_bytes(tmp)
+        part_checks = _check_parts(module) if verify and info is not None else {}
     except VerificationError:
         raise  # exported, but wrong: never hidden behind the parts' export
     except ExportError as whole:
@@ -353,8 +362,17 @@ def export_detector(
         opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0),
         file_bytes=file_bytes, nodes=len(proto.graph.node), parameters=count_parameters(module),
         export_seconds=seconds, image_sizes=size_sets if verify else [], match=match,
-        rule=rule, verified=verify, notes=notes,
+        rule=rule, verified=verify, notes=notes, part_checks=part_checks,
     )
+
+
+def _check_parts(lean: nn.Module) -> dict[str, ExportReport]:
+    """Each transformed part exported alone (into a temporary folder) and verified."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        report = _export_parts(lean, Path(folder) / "part.onnx", True, [])
+    return report.parts
 
 
 def _export_parts(lean: nn.Module, target: Path, overwrite: bool,

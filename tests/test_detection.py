@@ -192,6 +192,10 @@ def test_whole_lean_detector_exports_with_matching_detections(exported: tuple) -
     assert report.match.matched + report.match.borderline >= report.match.compared
     assert report.match.max_box_error <= 1e-2
     assert Path(report.path).exists() and "matched" in str(report)
+    # the transformed backbone + FPN, verified elementwise on its own
+    assert list(report.part_checks) == ["backbone"]
+    assert report.part_checks["backbone"].verification.passed
+    assert "verified elementwise" in str(report)
 
 
 def test_matching_rule_allows_ties_and_the_cut_only() -> None:
