@@ -3,10 +3,12 @@
 For Hugging Face ``Trainer`` (a ResNet from a config) and Lightning (torchvision ResNet-18),
 train the same seeded model on the same generated data twice: ``SSIA(attach=True)`` (the loop
 never mentions SSIA) and ``ssia=False``. Record the SSIA loss and the task loss of the first
-and last steps (mean of ``--window`` steps) and the final held-out task loss. Writes
-``benchmarks/results/frameworks.json`` and ``.md``.
+and last steps (mean of ``--window`` steps) and the final held-out task loss, for each of
+``--seeds`` seeds (the seed sets the model's initialisation, DIA's weights and the data
+order), and the held-out difference attach - off paired by seed with its 95% confidence
+interval (Student's t). Writes ``benchmarks/results/frameworks.json`` and ``.md``.
 
-    python benchmarks/frameworks.py --steps 60
+    python benchmarks/frameworks.py --steps 40 --seeds 5
 """
 
 from __future__ import annotations
@@ -54,14 +56,14 @@ def _held_out(net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
     return statistics.fmean(losses)
 
 
-def run_hf(steps: int, attach: bool) -> dict[str, Any]:
+def run_hf(steps: int, attach: bool, seed: int = 0) -> dict[str, Any]:
     import transformers
 
     config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                        layer_type="basic", num_labels=3)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = transformers.ResNetForImageClassification(config)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     example = {"pixel_values": torch.randn(HF_BATCH, 3, 32, 32),
                "labels": torch.zeros(HF_BATCH, dtype=torch.long)}
     net = fxattn.transform(model, example, ssia=_ssia(attach))
@@ -76,17 +78,18 @@ def run_hf(steps: int, attach: bool) -> dict[str, Any]:
     net.register_forward_hook(record)
     with tempfile.TemporaryDirectory() as tmp:
         args = _hf_args(Path(tmp), 1, steps, train_sampling_strategy="random")
+        args.seed = args.data_seed = seed
         transformers.Trainer(model=net, args=args, train_dataset=_Images(HF_BATCH * 16)).train()
     return {"task": task, "ssia": ssia, "held_out": _held_out(net, _image_batches(40)[32:], True)}
 
 
-def run_lightning(steps: int, attach: bool) -> dict[str, Any]:
+def run_lightning(steps: int, attach: bool, seed: int = 0) -> dict[str, Any]:
     import lightning
     import torchvision
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = torchvision.models.resnet18(weights=None, num_classes=3)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = fxattn.transform(model, torch.randn(4, 3, 32, 32), ssia=_ssia(attach))
 
     class Classifier(lightning.LightningModule):
@@ -107,9 +110,10 @@ def run_lightning(steps: int, attach: bool) -> dict[str, Any]:
 
     module = Classifier()
     batches = _image_batches(40)
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(seed)).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = _lightning_trainer(Path(tmp), max_steps=steps, enable_checkpointing=False)
-        trainer.fit(module, train_dataloaders=_loader(batches[:16]))
+        trainer.fit(module, train_dataloaders=_loader([batches[i] for i in order]))
     return {"task": module.task, "ssia": module.ssia,
             "held_out": _held_out(net, batches[32:], False)}
 
@@ -124,29 +128,66 @@ def _summary(run: dict[str, Any], window: int) -> dict[str, Any]:
             "held_out_task": run["held_out"], "steps": len(run["task"])}
 
 
+def _paired_ci(differences: list[float]) -> tuple[float, float, float]:
+    """Mean of the paired differences and its 95% confidence interval (Student's t)."""
+    from scipy import stats
+
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / (
+        len(differences) ** 0.5)
+    return mean, mean - half, mean + half
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("lightning").setLevel(logging.ERROR)
-    results: dict[str, Any] = {"steps": args.steps, "load": os.getloadavg()}
+    load_before = os.getloadavg()
+    results: dict[str, Any] = {"steps": args.steps, "seeds": args.seeds,
+                               "load_before": load_before}
     for name, runner in (("hf_trainer", run_hf), ("lightning", run_lightning)):
-        results[name] = {}
-        for label, attach in (("attach", True), ("ssia_off", False)):
-            results[name][label] = _summary(runner(args.steps, attach), args.window)
+        results[name] = {label: [] for label in ("attach", "ssia_off")}
+        for seed in range(args.seeds):
+            for label, attach in (("attach", True), ("ssia_off", False)):
+                results[name][label].append(
+                    _summary(runner(args.steps, attach, seed), args.window))
+    results["load_after"] = os.getloadavg()
+    lines = [f"# SSIA(attach=True) in frameworks: {args.steps} steps, {args.seeds} seeds",
+             "", f"Command: `python benchmarks/frameworks.py --steps {args.steps} --seeds "
+             f"{args.seeds}`; load average before {load_before[0]:.2f}, after "
+             f"{results['load_after'][0]:.2f}. Means over seeds; the difference is attach - "
+             "off, paired by seed, with its 95% confidence interval.", "",
+             "| framework | arm | task loss first -> last | SSIA first -> last | "
+             "held-out task loss (mean +- sd) |", "|---|---|---|---|---|"]
+    for name in ("hf_trainer", "lightning"):
+        for label, rows in results[name].items():
+            def mean_pair(key: str, rows: list[dict[str, Any]] = rows) -> str:
+                pairs = [row[key] for row in rows if row[key] is not None]
+                if not pairs:
+                    return "-"
+                return " -> ".join(f"{statistics.fmean(p[i] for p in pairs):.4f}"
+                                   for i in (0, 1))
+            held = [row["held_out_task"] for row in rows]
+            spread = statistics.stdev(held) if len(held) > 1 else 0.0
+            lines.append(f"| {name} | {label} | {mean_pair('task_first_last')} | "
+                         f"{mean_pair('ssia_first_last')} | "
+                         f"{statistics.fmean(held):.4f} +- {spread:.4f} |")
+        differences = [a["held_out_task"] - b["held_out_task"] for a, b in
+                       zip(results[name]["attach"], results[name]["ssia_off"], strict=True)]
+        mean, low, high = _paired_ci(differences)
+        results[name]["held_out_difference"] = {"mean": mean, "ci95": [low, high]}
+        verdict = ("no significant difference" if low <= 0 <= high else
+                   "attach worse" if low > 0 else "attach better")
+        lines.append(f"| {name} | attach - off | | | {mean:+.4f} [{low:+.4f}, {high:+.4f}]: "
+                     f"{verdict} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "frameworks.json").write_text(json.dumps(results, indent=2))
-    lines = [f"# SSIA(attach=True) in frameworks, {args.steps} steps (load {results['load']})",
-             "", "| framework | arm | task loss first -> last | SSIA first -> last | "
-             "held-out task loss |", "|---|---|---|---|---|"]
-    for name in ("hf_trainer", "lightning"):
-        for label, row in results[name].items():
-            def fmt(pair: list[float] | None) -> str:
-                return "-" if pair is None else f"{pair[0]:.4f} -> {pair[1]:.4f}"
-            lines.append(f"| {name} | {label} | {fmt(row['task_first_last'])} | "
-                         f"{fmt(row['ssia_first_last'])} | {row['held_out_task']:.4f} |")
     (RESULTS / "frameworks.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
