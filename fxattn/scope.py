@@ -265,11 +265,15 @@ def choose_parts(
     seen: dict[bool, dict[str, _Calls]],
     prepare: Callable[[nn.Module, ExampleInputs], Any],
     skipped: list[tuple[str, str]],
+    residual: bool = True,
 ) -> list[Candidate]:
     """The largest capturable submodules holding DIA sites, top-down from the root.
 
     ``prepare(module, inputs)`` traces and analyses a submodule; it returns an object with a
     ``train_plan`` or raises :class:`TraceError` (the search then goes one level down).
+    With ``residual=True`` only submodules in which a same-shape addition ran are tried; with
+    ``False`` (a backbone without residual additions: SSD's VGG) every one is, and DIA goes on
+    their stage outputs.
     """
     chosen: list[Candidate] = []
 
@@ -277,7 +281,8 @@ def choose_parts(
         for name, child in module.named_children():
             path = f"{prefix}{name}"
             train = seen[True].get(path)
-            if train is None or not any(seen[m].get(path, _Calls()).adds for m in seen):
+            if train is None or (residual and not any(
+                    seen[m].get(path, _Calls()).adds for m in seen)):
                 continue  # no same-shape addition ran inside it: no residual site
             why = _usable(path, seen)
             if why:
@@ -299,8 +304,9 @@ def choose_parts(
             if not sites:
                 skipped.append((path, "traced, but holds no DIA site"))
                 continue
+            kind = "residual sites" if residual else "stage outputs (no residual additions)"
             chosen.append(Candidate(path, train.inputs, (
-                f"the largest capturable submodule holding residual sites ({sites} DIA "
+                f"the largest capturable submodule holding {kind} ({sites} DIA "
                 f"site(s), traced by {prepared.graphs.tracer})"), prepared))
 
     visit("", model)

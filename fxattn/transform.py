@@ -363,15 +363,20 @@ def _scoped_plan(
     if scope == "auto":
         # torch.fx first: a failed torch.export capture costs seconds per submodule (a
         # detector's RoI heads); the export-based capture only when torch.fx finds no part
-        candidates = choose_parts(root, seen, lambda m, i: prepare(m, i, False), skipped)
-        if not candidates:
-            skipped.clear()
-            candidates = choose_parts(root, seen, prepare, skipped)
+        # residual sites first (every residual backbone); stage outputs only where none has
+        # any (a VGG backbone)
+        candidates = []
+        for residual in (True, False):
+            for tracer in (lambda m, i: prepare(m, i, False), prepare):
+                if not candidates:
+                    skipped.clear()
+                    candidates = choose_parts(root, seen, tracer, skipped, residual)
         if not candidates:
             assert whole is not None
             raise TraceError(
                 f"{whole} (no submodule that can be captured on its own holds a residual site "
-                "either; name the parts to transform with scope=[module paths])"
+                "or a stage output either; name the parts to transform with "
+                "scope=[module paths])"
             ) from whole
     else:
         candidates = explicit_parts(root, scope, seen)

@@ -300,3 +300,37 @@ def test_scoped_part_without_an_ssia_pair_says_what_it_found() -> None:
         assert "has 1 on its main path" in message and "ssia=False" in message
         net = fxattn.transform(_BranchOnValue(), x, ssia=False)  # DIA alone works
     assert isinstance(net.body, fxattn.AttentionGraphModule)
+
+
+class _VGGBranchOnValue(nn.Module):
+    """Untraceable whole around a backbone without residual additions (SSD's VGG)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.body(x)
+        if float(features.max()) > 1e9:  # neither torch.fx nor torch.export captures this
+            return features.flatten(1)
+        return self.head(features.mean((2, 3)))
+
+
+def test_automatic_scope_finds_a_backbone_without_residual_additions() -> None:
+    """No submodule holds a residual add: the search takes the largest part with stage
+    outputs (DIA multiplies them), as for torchvision's ssd300_vgg16."""
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = fxattn.transform(_VGGBranchOnValue(), x)
+    plan = net.fxattn_scope.plan
+    assert plan.paths == ["body"] and "stage outputs" in plan.parts[0].reason
+    assert all(site.kind == "stage_output" for site in plan.sites)
+    out = net(x)
+    loss = out.square().mean() + fxattn.ssia_loss(net)
+    loss.backward()
+    assert out.shape == (2, 2) and torch.isfinite(loss)
