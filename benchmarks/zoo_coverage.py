@@ -694,6 +694,9 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
         ):
             raise AssertionError("the stripped model's output differs from the eval output")
         record["ssia_nodes_removed"] = lean.meta["fxattn_strip"].removed_nodes
+        # the training model, its gradients and the optimizer are done with: free them before
+        # the export and the verification (the largest models need the memory)
+        del net, optimizer, out, task, ssia, loss
 
         stage = "export"
         with tempfile.TemporaryDirectory() as tmp:

@@ -34,7 +34,6 @@ the error says so instead of blaming the tolerance.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -283,11 +282,13 @@ def _check_deterministic(module: nn.Module, runs: list[Any], names: Sequence[str
 def _float64_rule(module: nn.Module, runs: list[Any], names: Sequence[str], tol: Tolerance,
                   report: VerificationReport) -> None:
     """Judge failing batches against a float64 run of the module (see the module docstring)."""
-    try:
-        double = copy.deepcopy(module).double()
-    except Exception as exc:  # noqa: BLE001 - a module that cannot be copied or cast
-        report.notes.append(f"no float64 check: the module cannot run in float64 ({exc})")
-        return
+    # float64 copies of the parameters and buffers only, swapped in for one call: no float32
+    # copy of the module on the way (a 2.6 GB RegNet-Y-128GF ran out of 24 GB with one)
+    state = {name: value.double() if value.is_floating_point() else value
+             for name, value in (*module.named_parameters(), *module.named_buffers())}
+
+    def double(*args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(module, state, args, kwargs)
     worst_ratio, noise_max = 0.0, 0.0
     for batch_inputs, actual, expected, comparison in runs:
         if comparison.ratio <= 1.0:
