@@ -309,3 +309,34 @@ def test_ddp_two_ranks_attach_matches_explicit(tmp_path: Any) -> None:
     for key, value in ranks[0][True].items():
         torch.testing.assert_close(value, ranks[0][False][key], msg=key, **EXACT)
         assert torch.equal(value, ranks[1][True][key]), key  # ranks stay in sync
+
+
+class _Criterion:
+    """An ultralytics-style criterion: (loss to backpropagate, dict of detached items)."""
+
+    hyp = {"box": 7.5}
+
+    def __call__(self, preds: torch.Tensor, batch: Any) -> tuple[torch.Tensor, dict]:
+        loss = preds.square().mean()
+        return loss, {"box_loss": loss.detach()}
+
+
+def test_ultralytics_loss_items_gain_the_ssia_value_and_copy_with_the_module() -> None:
+    import copy
+    import pickle
+
+    from fxattn.ssia_logging import SSIALossItems
+
+    net = transformed(ssia=fxattn.SSIA(attach=True))
+    net.criterion = SSIALossItems(_Criterion(), net)
+    x = example()
+    net.train()
+    loss, items = net.criterion(net(x), {})
+    assert set(items) == {"box_loss", "ssia_loss"}
+    assert items["ssia_loss"].item() == pytest.approx(fxattn.ssia_loss(net).item())
+    assert loss.requires_grad and net.criterion.hyp == {"box": 7.5}  # the criterion's own
+    for copied in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):  # EMA, checkpoints
+        assert copied.criterion.net is copied and copied.criterion.hyp == {"box": 7.5}
+    net.eval()
+    with torch.no_grad():
+        assert set(net.criterion(net(x), {})[1]) == {"box_loss"}  # SSIA does not run in eval
