@@ -41,8 +41,11 @@ import fxattn  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+WEIGHT = [1.0]  # SSIA's weight, set by --weight
+
+
 def _ssia(attach: bool) -> fxattn.SSIA | bool:
-    return fxattn.SSIA(attach=True) if attach else False
+    return fxattn.SSIA(attach=True, weight=WEIGHT[0]) if attach else False
 
 
 def _held_out(net: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -145,11 +148,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--window", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--weight", type=float, default=1.0, help="SSIA's loss weight")
     args = parser.parse_args()
+    WEIGHT[0] = args.weight
+    stem = "frameworks" if args.weight == 1.0 else f"frameworks_weight{args.weight:g}"
     torch.set_num_threads(1)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     load_before = os.getloadavg()
-    results: dict[str, Any] = {"steps": args.steps, "seeds": args.seeds,
+    results: dict[str, Any] = {"steps": args.steps, "seeds": args.seeds, "weight": args.weight,
                                "load_before": load_before}
     for name, runner in (("hf_trainer", run_hf), ("lightning", run_lightning)):
         results[name] = {label: [] for label in ("attach", "ssia_off")}
@@ -158,9 +164,10 @@ def main() -> None:
                 results[name][label].append(
                     _summary(runner(args.steps, attach, seed), args.window))
     results["load_after"] = os.getloadavg()
-    lines = [f"# SSIA(attach=True) in frameworks: {args.steps} steps, {args.seeds} seeds",
-             "", f"Command: `python benchmarks/frameworks.py --steps {args.steps} --seeds "
-             f"{args.seeds}`; load average before {load_before[0]:.2f}, after "
+    lines = [f"# SSIA(attach=True, weight={args.weight:g}) in frameworks: {args.steps} steps, "
+             f"{args.seeds} seeds", "", f"Command: `python benchmarks/frameworks.py --steps "
+             f"{args.steps} --seeds {args.seeds} --weight {args.weight:g}`; load average "
+             f"before {load_before[0]:.2f}, after "
              f"{results['load_after'][0]:.2f}. Means over seeds; the difference is attach - "
              "off, paired by seed, with its 95% confidence interval.", "",
              "| framework | arm | task loss first -> last | SSIA first -> last | "
@@ -187,8 +194,8 @@ def main() -> None:
         lines.append(f"| {name} | attach - off | | | {mean:+.4f} [{low:+.4f}, {high:+.4f}]: "
                      f"{verdict} |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "frameworks.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "frameworks.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
