@@ -272,8 +272,8 @@ def choose_parts(
     ``prepare(module, inputs)`` traces and analyses a submodule; it returns an object with a
     ``train_plan`` or raises :class:`TraceError` (the search then goes one level down).
     With ``residual=True`` only submodules in which a same-shape addition ran are tried; with
-    ``False`` (a backbone without residual additions: SSD's VGG) every one is, and DIA goes on
-    their stage outputs.
+    ``False`` (a backbone without residual additions: SSD's VGG) every one is, and one with at
+    least two stage outputs is taken (DIA goes on them).
     """
     chosen: list[Candidate] = []
 
@@ -303,6 +303,10 @@ def choose_parts(
             sites = len(prepared.train_plan.sites)
             if not sites:
                 skipped.append((path, "traced, but holds no DIA site"))
+                continue
+            if not residual and sites < 2:
+                # a backbone has stages; one stage output is a lone layer (a stem), not one
+                skipped.append((path, "traced, but holds a single stage output"))
                 continue
             kind = "residual sites" if residual else "stage outputs (no residual additions)"
             chosen.append(Candidate(path, train.inputs, (

@@ -159,9 +159,10 @@ def test_optimized_graph_failing_the_checker_is_exported_again_unoptimized(
     calls: list[bool] = []
 
     def exporter_with_a_broken_optimizer(kind: str, module: nn.Module, inputs: object,
-                                         tmp: Path, opset: object, optimize: bool = True) -> None:
+                                         tmp: Path, opset: object, optimize: bool = True,
+                                         dynamic_batch: bool = True) -> None:
         calls.append(optimize)
-        real(kind, module, inputs, tmp, opset, optimize)
+        real(kind, module, inputs, tmp, opset, optimize, dynamic_batch)
         if optimize:
             model = onnx.load(str(tmp))
             nodes = list(model.graph.node)[::-1]
