@@ -245,7 +245,7 @@ class Task:
 
 TASKS = {
     "cluttered": Task("cluttered", "Cluttered digits (32x32, 2-D residual CNN)", dim=2,
-                      widths=(8, 16, 32), blocks=2, stem_stride=2, stem_pool=False, epochs=5),
+                      widths=(8, 16, 32), blocks=2, stem_stride=2, stem_pool=False, epochs=30),
     "mnist1d": Task("mnist1d", "MNIST-1D (length 40, 1-D residual CNN)", dim=1,
                     widths=(8, 16, 32), blocks=2, stem_stride=1, stem_pool=False, epochs=15),
 }
