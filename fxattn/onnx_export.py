@@ -418,7 +418,7 @@ def export_onnx(
         if failures:
             notes.append(f"fell back to the {used} exporter ({failures[0]})")
         static = fixed_batch if fixed_batch is not None else _static_batch(tmp)
-        if static is not None and static != inputs.batch_size and fixed_batch is None:
+        if static is not None and static != inputs.batch_size:
             # pinned at the export's batch of 2: export again at the user's own batch size
             _export_checked(used, module, inputs, tmp, opset, dynamic_batch=False)
             static = inputs.batch_size

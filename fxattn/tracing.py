@@ -512,6 +512,7 @@ def export_dual(model: nn.Module, inputs: ExampleInputs) -> DualGraphs:
     for attempt in attempts:
         graphs: dict[bool, fx.Graph] = {}
         fixed: set[int] = set()
+        rejected = False
         try:
             for mode in (True, False):
                 model.train(mode)
@@ -521,12 +522,12 @@ def export_dual(model: nn.Module, inputs: ExampleInputs) -> DualGraphs:
         except Exception:
             if attempt is inputs:
                 raise
-            fixed = {-1}  # the model rejects a batch of two: capture at the user's batch
+            rejected = True  # the model rejects a batch of two: capture at the user's batch
         finally:
             model.train(was_training)
-        if not fixed or attempt is inputs:
+        if attempt is inputs or not (fixed or rejected):
             break
-        # pinned anyway: capture at the user's own batch size, so their batches still run
+        # rejected or pinned anyway: capture at the user's own batch, so their batches run
         _drop_lifted_constants(model)
     name = type(model).__name__
     train = fx.GraphModule(model, graphs[True], name)
@@ -546,9 +547,10 @@ def _specialised_batch(program: torch.export.ExportedProgram) -> int | None:
     """The batch size ``Dim.AUTO`` fell back to, if torch.export specialised it.
 
     ``Dim.AUTO`` keeps a dimension symbolic where it can and silently makes it a constant
-    where a guard in the model's code pins it (torchvision's RAFT: ``torch.chunk`` of the two
-    images' features emits ``(3*B - 1) // B == 2``, true for every batch but not provable by
-    the symbolic solver). The graph then works at that batch only.
+    where a guard in the model's code pins it (a forward that checks ``x.shape[0]``). The
+    graph then works at that batch only. (RAFT is not such a case at capture: ``Dim.AUTO``
+    gives its two images separate batch symbols; its pin appears only when the ONNX export
+    asks for one shared batch, see ``fxattn.onnx_export``.)
     """
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 

@@ -302,8 +302,8 @@ def test_scoped_part_without_an_ssia_pair_says_what_it_found() -> None:
     assert isinstance(net.body, fxattn.AttentionGraphModule)
 
 
-class _VGGBranchOnValue(nn.Module):
-    """Untraceable whole around a backbone without residual additions (SSD's VGG)."""
+class _VGGBranchOnValue(_BranchOnValue):
+    """The same untraceable whole around a backbone without residual additions (SSD's VGG)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -312,12 +312,6 @@ class _VGGBranchOnValue(nn.Module):
             nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
         self.head = nn.Linear(32, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.body(x)
-        if float(features.max()) > 1e9:  # neither torch.fx nor torch.export captures this
-            return features.flatten(1)
-        return self.head(features.mean((2, 3)))
 
 
 def test_automatic_scope_finds_a_backbone_without_residual_additions() -> None:
