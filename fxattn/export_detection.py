@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .detection import MatchReport, MatchRule, match_detections
-from .errors import ExportError, InputError, VerificationError
+from .errors import ExportError, InputError, VerificationError, first_line
 from .graph_module import unwrap
 from .onnx_export import (
     ExportReport,
@@ -245,10 +245,10 @@ def _float64_detections(module: nn.Module, runs: list[tuple[Any, Any, Any, str]]
     float64 detections than PyTorch's float32 has. A genuine mismatch (a wrong weight moves
     every box) has far more.
     """
-    from .verify import _Float64Everywhere
+    from .verify import _Float64Everywhere, float64_call
 
     try:
-        double = copy.deepcopy(module).double()
+        double = float64_call(module)
         own, theirs = MatchReport(), MatchReport()
         for images, expected, actual, where in runs:
             with torch.no_grad(), _Float64Everywhere():
@@ -257,7 +257,7 @@ def _float64_detections(module: nn.Module, runs: list[tuple[Any, Any, Any, str]]
             theirs.merge(match_detections(reference, actual, rule, where))
     except Exception as exc:  # noqa: BLE001 - a detector that cannot run in float64
         report.problems.append(f"(no float64 check: the detector fails in float64: "
-                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc})")
+                               f"{first_line(exc)})")
         return
     report.float64_own_problems = len(own.problems)
     report.float64_problems = len(theirs.problems)
