@@ -14,7 +14,8 @@ attention differs):
   passed through the same ``fxattn.transform(dia=False, ssia=False)`` pipeline.
 
 Protocol: the learning rate is chosen ONCE per task, on the baseline, by validation accuracy
-(grid ``Task.lr_grid``, two sweep seeds not used later); every arm then trains with it. Test
+(grid ``Task.lr_grid``, widened on the 1-3-10 sequence while the best lr is at an end of it, so
+the choice is bracketed; sweep seed 100, not used later); every arm then trains with it. Test
 accuracy is the final epoch's (no selection on the test set). For each arm the paired (by seed)
 difference to the baseline gets a two-sided 95% t-interval and a paired t-test; the p-values of
 the arms of a task are Holm-corrected. A difference is called significant when its Holm p < 0.05
@@ -29,7 +30,8 @@ interleaved.
 
 Resumable and deterministic: each run writes
 ``benchmarks/results/evidence_runs/<task>_<arm>_s<seed>.json`` (single-threaded, deterministic
-algorithms, fixed seeds) and a checkpoint under ``--cache``; a rerun trains only what is missing.
+algorithms, fixed seeds) and a checkpoint under ``--cache``; a rerun trains only what is missing
+or was made by other code (``recipe_fingerprint``).
 
     python benchmarks/evidence.py                    # full run: 122 runs (sweep included)
     python benchmarks/evidence.py --report-only      # tables of the seeds cached so far
@@ -43,6 +45,8 @@ that load; the script prints its estimate from the runs it has cached.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -79,6 +83,9 @@ SWEEP_SEEDS = (100,)
 LOWP_ARMS = ("dia", "dia+ssia")
 #: seed whose exports are timed
 LATENCY_SEED = 0
+#: the sweep widens its grid (x ~3.16 per step, the 1-3-10 sequence) while its best lr is at an
+#: end, at most this many steps per end
+SWEEP_EXTENSIONS = 3
 #: wall seconds of one run per task on the loaded 2-core machine, before any run is cached
 GUESS_SECONDS = {"cluttered": 170.0, "mnist1d": 100.0}
 
@@ -89,6 +96,24 @@ def arms_for(task: Task) -> list[str]:
 
 def has_dia(arm: str) -> bool:
     return ARMS[arm]["dia"] is not False
+
+
+@lru_cache(maxsize=1)
+def recipe_fingerprint() -> str:
+    """A hash of the code a run's numbers depend on: the tasks (data and network), the
+    training loop, the arms and this module's build / train functions, plus fxattn's version.
+
+    A cached run made by other code is redone: the task configuration alone does not catch a
+    changed training loop (cached sweeps of an older loop once survived a rerun that way).
+    """
+    import accuracy as accuracy_module
+    import evidence_tasks
+
+    parts = [inspect.getsource(evidence_tasks), inspect.getsource(accuracy_module.fit),
+             inspect.getsource(accuracy_module.accuracy), inspect.getsource(build),
+             inspect.getsource(train_run), json.dumps(ARMS, sort_keys=True, default=str),
+             fxattn.__version__]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- one run
@@ -196,6 +221,7 @@ def train_run(task_name: str, arm: str, seed: int, lr: float, epochs: int, sweep
         "ssia_pairs": len(net.plan.active_pairs) if ARMS[arm]["ssia"] is not False else 0,
         "curves": {k: [round(v, 6) for v in vs] for k, vs in curves.items()},
         "torch": torch.__version__,
+        "recipe_fingerprint": recipe_fingerprint(),
     }
     if sweep:
         return record
@@ -223,13 +249,67 @@ def run_path(runs: Path, task: str, arm: str, seed: int, sweep_lr: float | None 
 
 
 def _load(path: Path, lr: float, epochs: int) -> dict[str, Any] | None:
-    """A cached run, unless it was made with another recipe (then it is redone)."""
+    """A cached run, unless it was made with another recipe or other code (then it is
+    redone)."""
     if not path.exists():
         return None
     record = json.loads(path.read_text())
     task = json.loads(json.dumps(replace(TASKS[record["task"]], epochs=epochs).to_dict()))
-    same = record["lr"] == lr and record["epochs"] == epochs and record.get("task_config") == task
+    same = (record["lr"] == lr and record["epochs"] == epochs
+            and record.get("task_config") == task
+            and record.get("recipe_fingerprint") == recipe_fingerprint())
     return record if same else None
+
+
+def next_lr(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` on the 1-3-10 grid (0.03, 0.1, 0.3, 1, 3, ...)."""
+    exponent = np.floor(np.log10(lr) + 1e-9)
+    one = lr / 10**exponent < 2  # lr is 1 x 10^k (else 3 x 10^k)
+    factor = (3.0 if one else 10.0) if up else (0.3 if one else 1.0)
+    return float(f"{factor * 10**exponent:.6g}")
+
+
+def _mean_val(records: list[dict[str, Any]]) -> dict[float, float]:
+    """Mean validation accuracy per lr of sweep records."""
+    by_lr: dict[float, list[float]] = {}
+    for r in records:
+        by_lr.setdefault(r["lr"], []).append(r["val_acc"])
+    return {lr: float(np.mean(values)) for lr, values in by_lr.items()}
+
+
+def choose_lr(task: Task, runs: Path, workers: int, report_only: bool
+              ) -> tuple[float, list[dict[str, Any]]]:
+    """The baseline's best lr by mean validation accuracy over ``SWEEP_SEEDS``, on
+    ``task.lr_grid`` widened step by step while the best is at an end of the grid (so the
+    chosen lr is bracketed by two worse ones, or the widening limit is reported)."""
+    grid = sorted(task.lr_grid)
+    for _ in range(2 * SWEEP_EXTENSIONS + 1):
+        paths = {(lr, seed): run_path(runs, task.name, "baseline", seed, lr)
+                 for lr in grid for seed in SWEEP_SEEDS}
+        if not report_only:
+            jobs = [(task.name, "baseline", seed, lr, task.epochs, True, path, None)
+                    for (lr, seed), path in paths.items()
+                    if _load(path, lr, task.epochs) is None]
+            run_jobs(jobs, workers, _estimate(runs, jobs, workers))
+        loaded = [_load(path, lr, task.epochs) for (lr, _), path in paths.items()]
+        records = [r for r in loaded if r is not None]
+        if len(records) < len(loaded):  # --report-only on an unfinished sweep
+            break
+        means = _mean_val(records)
+        best = max(means, key=means.get)
+        if len(grid) - len(task.lr_grid) >= 2 * SWEEP_EXTENSIONS:
+            break
+        if best == grid[-1]:
+            grid.append(next_lr(grid[-1], up=True))
+        elif best == grid[0]:
+            grid.insert(0, next_lr(grid[0], up=False))
+        else:
+            break
+    means = _mean_val(records)
+    best = max(means, key=means.get) if means else max(task.lr_grid)
+    print(f"{task.name}: lr {best:g} (validation accuracy "
+          f"{ {f'{k:g}': round(v, 4) for k, v in sorted(means.items())} })", flush=True)
+    return best, records
 
 
 def _job(task: str, arm: str, seed: int, lr: float, epochs: int, sweep: bool,
@@ -542,20 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     lrs: dict[str, float] = {}
     sweeps: dict[str, list[dict[str, Any]]] = {}
     if args.lr is None:
-        jobs = [(t.name, "baseline", seed, lr, t.epochs, True,
-                 run_path(runs, t.name, "baseline", seed, lr), args.cache)
-                for t in tasks.values() for lr in t.lr_grid for seed in SWEEP_SEEDS
-                if _load(run_path(runs, t.name, "baseline", seed, lr), lr, t.epochs) is None]
-        if not args.report_only:
-            run_jobs(jobs, args.workers, _estimate(runs, jobs, args.workers))
         for t in tasks.values():
-            sweeps[t.name] = [_load(run_path(runs, t.name, "baseline", s, lr), lr, t.epochs)
-                              for lr in t.lr_grid for s in SWEEP_SEEDS]
-            mean_val = {lr: np.mean([r["val_acc"] for r in sweeps[t.name] if r["lr"] == lr])
-                        for lr in t.lr_grid}
-            lrs[t.name] = max(mean_val, key=mean_val.get)
-            print(f"{t.name}: lr {lrs[t.name]:g} (validation accuracy "
-                  f"{ {f'{k:g}': round(float(v), 4) for k, v in mean_val.items()} })", flush=True)
+            lrs[t.name], sweeps[t.name] = choose_lr(t, runs, args.workers, args.report_only)
     else:
         lrs = {name: args.lr for name in tasks}
         sweeps = {name: [] for name in tasks}

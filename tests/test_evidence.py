@@ -135,3 +135,57 @@ def test_paired_statistics_match_scipy() -> None:
     np.testing.assert_allclose(result["p"], stats.ttest_rel(arm, base).pvalue, rtol=1e-10)
     adjusted = evidence.holm({"a": 0.01, "b": 0.04, "c": 0.03})
     assert adjusted == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+
+
+def test_next_lr_walks_the_1_3_10_grid() -> None:
+    assert [evidence.next_lr(lr, up=True) for lr in (0.03, 0.1, 0.3, 1.0)] == [0.1, 0.3, 1.0, 3.0]
+    assert [evidence.next_lr(lr, up=False) for lr in (0.03, 0.1, 0.3, 1.0)] == [
+        0.01, 0.03, 0.1, 0.3]
+
+
+def _fake_sweep(monkeypatch, tmp_path: Path, val_of) -> list[float]:
+    """``choose_lr`` with training replaced by ``val_of(lr)``; the lrs it trained, in order."""
+    trained: list[float] = []
+
+    def run_jobs(jobs, workers, estimate):
+        for job in jobs:
+            task, arm, seed, lr, epochs, sweep, path, _ = job
+            trained.append(lr)
+            config = json.loads(json.dumps(evidence.TASKS[task].to_dict()))
+            path.write_text(json.dumps({
+                "task": task, "arm": arm, "seed": seed, "lr": lr, "epochs": epochs,
+                "task_config": config, "val_acc": val_of(lr), "train_seconds": 0.0,
+                "recipe_fingerprint": evidence.recipe_fingerprint()}))
+
+    monkeypatch.setattr(evidence, "run_jobs", run_jobs)
+    return trained
+
+
+def test_the_lr_sweep_widens_until_the_best_is_bracketed(monkeypatch, tmp_path: Path) -> None:
+    task = evidence.TASKS["mnist1d"]  # grid 0.03, 0.1, 0.3
+    trained = _fake_sweep(monkeypatch, tmp_path, lambda lr: -abs(math.log10(lr / 1.0)))
+    lr, records = evidence.choose_lr(task, tmp_path, 1, False)
+    assert lr == 1.0 and trained == [0.03, 0.1, 0.3, 1.0, 3.0]  # 3 is worse: 1 is bracketed
+    assert sorted(r["lr"] for r in records) == [0.03, 0.1, 0.3, 1.0, 3.0]
+    again = _fake_sweep(monkeypatch, tmp_path, lambda lr: 0.0)
+    assert evidence.choose_lr(task, tmp_path, 1, False)[0] == 1.0 and again == []  # cached
+    low = _fake_sweep(monkeypatch, tmp_path / "low", lambda lr: -lr)  # smaller is better
+    (tmp_path / "low").mkdir()
+    lr, _ = evidence.choose_lr(task, tmp_path / "low", 1, False)
+    assert low[:3] == [0.03, 0.1, 0.3] and low[3:] == [0.01, 0.003, 0.001, 0.0003, 0.0001,
+                                                       3e-05]
+    assert lr == 3e-05  # the widening limit: reported as the choice, never past the limit
+
+
+def test_a_cached_run_of_other_code_is_redone(monkeypatch, tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    config = json.loads(json.dumps(evidence.TASKS["mnist1d"].to_dict()))
+    record = {"task": "mnist1d", "lr": 0.3, "epochs": 15, "task_config": config,
+              "recipe_fingerprint": evidence.recipe_fingerprint()}
+    path.write_text(json.dumps(record))
+    assert evidence._load(path, 0.3, 15) == record
+    path.write_text(json.dumps({**record, "recipe_fingerprint": "an older loop"}))
+    assert evidence._load(path, 0.3, 15) is None
+    del record["recipe_fingerprint"]  # runs made before the fingerprint existed
+    path.write_text(json.dumps(record))
+    assert evidence._load(path, 0.3, 15) is None
