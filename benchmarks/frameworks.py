@@ -1,14 +1,19 @@
 """Short runs inside frameworks: does the attached SSIA loss fall, and is the task loss no worse?
 
-For Hugging Face ``Trainer`` (a ResNet from a config) and Lightning (torchvision ResNet-18),
-train the same seeded model on the same generated data twice: ``SSIA(attach=True)`` (the loop
-never mentions SSIA) and ``ssia=False``. Record the SSIA loss and the task loss of the first
-and last steps (mean of ``--window`` steps) and the final held-out task loss, for each of
+For Hugging Face ``Trainer`` (a ResNet from a config), Lightning (torchvision ResNet-18) and
+ultralytics' ``DetectionTrainer`` (YOLOv8n from its yaml on generated boxes, ``--epochs``
+epochs of 4 steps; its loss items are per epoch), train the same seeded model on the same
+generated data twice: ``SSIA(attach=True)`` (the loop never mentions SSIA) and ``ssia=False``.
+Record the SSIA loss and the task loss of the first and last steps (mean of ``--window``
+steps; ultralytics: first and last epoch) and the final held-out task loss, for each of
 ``--seeds`` seeds (the seed sets the model's initialisation, DIA's weights and the data
 order), and the held-out difference attach - off paired by seed with its 95% confidence
-interval (Student's t). Writes ``benchmarks/results/frameworks.json`` and ``.md``.
+interval (Student's t).
 
     python benchmarks/frameworks.py --steps 40 --seeds 5
+    python benchmarks/frameworks.py --frameworks ultralytics --epochs 10 --seeds 5
+
+Results go to ``frameworks[_weight<w>][_<frameworks>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from test_frameworks import (  # noqa: E402 - the tests' generated data and sett
     _Images,
     _lightning_trainer,
     _loader,
+    _square_validation,
+    _yolo_dataset,
 )
 
 import fxattn  # noqa: E402
@@ -121,6 +128,45 @@ def run_lightning(steps: int, attach: bool, seed: int = 0) -> dict[str, Any]:
             "held_out": _held_out(net, batches[32:], False)}
 
 
+def run_ultralytics(epochs: int, attach: bool, seed: int = 0) -> dict[str, Any]:
+    """YOLOv8n (random weights) trained by ultralytics' own ``DetectionTrainer`` for ``epochs``
+    epochs on generated boxes; the task loss is box + cls + dfl (ultralytics' loss items, the
+    epoch means of its ``results.csv``), the held-out one the same sum on its validation split
+    (the EMA model, as ultralytics validates)."""
+    import csv
+
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.nn.tasks import DetectionModel
+
+    task_keys = ("box_loss", "cls_loss", "dfl_loss")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _yolo_dataset(Path(tmp) / "data", train=32, val=16, seed=1)
+        torch.manual_seed(seed)
+        model = DetectionModel("yolov8n.yaml", nc=1, verbose=False)
+        torch.manual_seed(seed)
+        net = fxattn.transform(model, torch.randn(2, 3, 64, 64), ssia=_ssia(attach))
+        trainer = DetectionTrainer(overrides=dict(
+            model="yolov8n.yaml", data=str(data), imgsz=64, epochs=epochs, batch=8, workers=0,
+            device="cpu", amp=False, plots=False, project=str(Path(tmp) / "runs"), name="r",
+            exist_ok=True, pretrained=False, verbose=False, seed=seed, deterministic=True,
+            warmup_epochs=0, nbs=8))  # nbs = batch: one optimizer step per batch (else 8 per step)
+        trainer.model = net
+        trainer.add_callback("on_pretrain_routine_end", _square_validation)
+        if attach:
+            fxattn.log_ssia(trainer)
+        trainer.train()
+        with (Path(trainer.save_dir) / "results.csv").open() as f:
+            rows = [{k.strip(): float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return {"task": [sum(row[f"train/{k}"] for k in task_keys) for row in rows],
+            "ssia": [row["train/ssia_loss"] for row in rows] if attach else [],
+            "held_out": sum(rows[-1][f"val/{k}"] for k in task_keys)}
+
+
+RUNNERS = {"hf_trainer": run_hf, "lightning": run_lightning, "ultralytics": run_ultralytics}
+#: the frameworks of the plain ``frameworks[_weight<w>]`` result files
+DEFAULT_FRAMEWORKS = ("hf_trainer", "lightning")
+
+
 def _summary(run: dict[str, Any], window: int) -> dict[str, Any]:
     def ends(values: list[float]) -> list[float] | None:
         if not values:
@@ -149,30 +195,42 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--weight", type=float, default=1.0, help="SSIA's loss weight")
+    parser.add_argument("--frameworks", nargs="+", default=list(DEFAULT_FRAMEWORKS),
+                        choices=list(RUNNERS))
+    parser.add_argument("--epochs", type=int, default=10, help="ultralytics: epochs of 4 "
+                        "steps (its loss items are logged per epoch)")
     args = parser.parse_args()
     WEIGHT[0] = args.weight
-    stem = "frameworks" if args.weight == 1.0 else f"frameworks_weight{args.weight:g}"
+    stem = ("frameworks" if args.weight == 1.0 else f"frameworks_weight{args.weight:g}") + (
+        "" if tuple(args.frameworks) == DEFAULT_FRAMEWORKS else "_" + "_".join(args.frameworks))
     torch.set_num_threads(1)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     load_before = os.getloadavg()
     results: dict[str, Any] = {"steps": args.steps, "seeds": args.seeds, "weight": args.weight,
                                "load_before": load_before}
-    for name, runner in (("hf_trainer", run_hf), ("lightning", run_lightning)):
+    for name in args.frameworks:
+        length, window = ((args.epochs, 1) if name == "ultralytics" else
+                          (args.steps, args.window))
         results[name] = {label: [] for label in ("attach", "ssia_off")}
         for seed in range(args.seeds):
             for label, attach in (("attach", True), ("ssia_off", False)):
                 results[name][label].append(
-                    _summary(runner(args.steps, attach, seed), args.window))
+                    _summary(RUNNERS[name](length, attach, seed), window))
     results["load_after"] = os.getloadavg()
-    lines = [f"# SSIA(attach=True, weight={args.weight:g}) in frameworks: {args.steps} steps, "
+    lengths = ", ".join(
+        f"{name} {args.epochs} epochs of 4 steps" if name == "ultralytics" else
+        f"{name} {args.steps} steps" for name in args.frameworks)
+    lines = [f"# SSIA(attach=True, weight={args.weight:g}) in frameworks: {lengths}, "
              f"{args.seeds} seeds", "", f"Command: `python benchmarks/frameworks.py --steps "
-             f"{args.steps} --seeds {args.seeds} --weight {args.weight:g}`; load average "
+             f"{args.steps} --seeds {args.seeds} --weight {args.weight:g} --frameworks "
+             f"{' '.join(args.frameworks)}" + (f" --epochs {args.epochs}" if "ultralytics" in
+                                               args.frameworks else "") + "`; load average "
              f"before {load_before[0]:.2f}, after "
              f"{results['load_after'][0]:.2f}. Means over seeds; the difference is attach - "
              "off, paired by seed, with its 95% confidence interval.", "",
              "| framework | arm | task loss first -> last | SSIA first -> last | "
              "held-out task loss (mean +- sd) |", "|---|---|---|---|---|"]
-    for name in ("hf_trainer", "lightning"):
+    for name in args.frameworks:
         for label, rows in results[name].items():
             def mean_pair(key: str, rows: list[dict[str, Any]] = rows) -> str:
                 pairs = [row[key] for row in rows if row[key] is not None]

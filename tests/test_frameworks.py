@@ -286,14 +286,14 @@ def test_lightning_checkpoint_resume_and_export(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- ultralytics
 
 
-def _yolo_dataset(root: Path) -> Path:
+def _yolo_dataset(root: Path, train: int = 8, val: int = 4, seed: int = 0) -> Path:
     """A few 64x64 images with one bright box each, in YOLO layout, and the dataset yaml."""
     np = pytest.importorskip("numpy")
     yaml = pytest.importorskip("yaml")
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("val", 4)):
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("val", val)):
         (root / "images" / split).mkdir(parents=True)
         (root / "labels" / split).mkdir(parents=True)
         for i in range(count):
