@@ -32,7 +32,7 @@ import fxattn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from handwritten_dia import hand_dia_resnet, load_fxattn_dia  # noqa: E402
+from handwritten_dia import matched_hand_dia  # noqa: E402
 
 LOWP_MODES = ("int8", "int4")
 MODELS = ("resnet50", "mobilenet_v2", "vit_small_patch16_224")
@@ -58,12 +58,7 @@ def _run_model(name: str, args: argparse.Namespace) -> tuple[fxattn.BenchmarkRes
     notes: list[str] = []
     if name == "resnet50":
         lean = fxattn.strip_ssia(fxattn.transform(model, x, ssia=False))
-        hand = hand_dia_resnet("resnet50").eval()
-        load_fxattn_dia(hand, lean)
-        with torch.no_grad():
-            gap = (hand(x) - lean(x)).abs().max().item()
-        if gap > 1e-4:
-            raise SystemExit(f"hand-written DIA-ResNet-50 differs from fxattn's by {gap:.2e}")
+        hand, gap = matched_hand_dia(lean, x)
         notes.append(f"hand-dia: max abs difference to fxattn's lean model in PyTorch {gap:.1e}")
         extra = {"hand-dia": hand,
                  "ssia-lean": fxattn.strip_ssia(fxattn.transform(model, x, dia=False))}

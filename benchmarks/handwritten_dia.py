@@ -108,3 +108,16 @@ def load_fxattn_dia(hand: HandDIAResNet, lean: nn.Module) -> None:
         else:
             state[f"resnet.{key}"] = value
     hand.load_state_dict(state, strict=True)
+
+
+def matched_hand_dia(lean: nn.Module, example: torch.Tensor, name: str = "resnet50"
+                     ) -> tuple[HandDIAResNet, float]:
+    """The hand-written DIA model with ``lean``'s weights, in eval mode, and the largest
+    difference of their outputs on ``example``; stops the benchmark if they disagree."""
+    hand = hand_dia_resnet(name).eval()
+    load_fxattn_dia(hand, lean)
+    with torch.no_grad():
+        gap = (hand(example) - lean(example)).abs().max().item()
+    if gap > 1e-4:
+        raise SystemExit(f"hand-written DIA-{name} differs from fxattn's by {gap:.2e}")
+    return hand, gap

@@ -30,7 +30,7 @@ import fxattn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from handwritten_dia import hand_dia_resnet, load_fxattn_dia  # noqa: E402
+from handwritten_dia import matched_hand_dia  # noqa: E402
 
 LOWP_MODES = ("fp16", "int8", "int4", "fp32+fold", "int4+fold")
 
@@ -120,12 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ssia_lean = fxattn.strip_ssia(fxattn.transform(model, x, dia=False, ssia=True))
     reference = fxattn.strip_ssia(fxattn.transform(model, x, dia=True, ssia=False))
-    hand = hand_dia_resnet("resnet50").eval()
-    load_fxattn_dia(hand, reference)
-    with torch.no_grad():
-        gap = (hand(x) - reference(x)).abs().max().item()
-    if gap > 1e-4:
-        raise SystemExit(f"hand-written DIA-ResNet-50 differs from fxattn's by {gap:.2e}")
+    hand, gap = matched_hand_dia(reference, x)
     del reference
 
     load_before = os.getloadavg()

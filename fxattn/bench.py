@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -82,20 +83,35 @@ def interleaved(
 
     ``progress`` is called once per round (warm-up rounds included).
     """
-    for _ in range(warmup):
-        for fn in candidates.values():
-            fn()
-        if progress is not None:
-            progress()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(runs):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-        if progress is not None:
-            progress()
+    samples = interleaved_samples(candidates, runs, warmup, progress)
     return {name: summarize(name, values) for name, values in samples.items()}
+
+
+def interleaved_samples(
+    candidates: dict[str, Callable[[], Any]],
+    runs: int = 30,
+    warmup: int = 5,
+    progress: Callable[[], None] | None = None,
+    shuffle: random.Random | None = None,
+) -> dict[str, list[float]]:
+    """The seconds of every timed call of :func:`interleaved`, per candidate, in round order.
+
+    With ``shuffle``, each round (warm-up included) runs the candidates in a new order drawn
+    from it, so that no candidate always follows the same neighbour.
+    """
+    names = list(candidates)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + runs):
+        if shuffle is not None:
+            shuffle.shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            candidates[name]()
+            if round_ >= warmup:
+                samples[name].append(time.perf_counter() - start)
+        if progress is not None:
+            progress()
+    return samples
 
 
 # --------------------------------------------------------------------------- environment

@@ -27,6 +27,15 @@ exporter's name scopes ``fxattn_dia.*``), so a model without DIA is left byte fo
     static ``H, W`` and ``C % 16 == 0`` (the blocked layout's channel block); a ``value_info``
     entry for the ``Resize`` output gives onnxruntime the symbolic batch dimension it needs to
     prove the shapes equal.
+``fused_residual``
+    ``Relu(A * h + s)`` -> ``Relu(DepthwiseConv1x1(A * h, 1) + s)`` where ``s``, the shortcut,
+    is not a convolution's output: onnxruntime fuses a residual ``Add`` and the ``ReLU`` after
+    it into the convolution that produces one of its inputs, and DIA's multiply took that
+    convolution away. The depthwise 1x1 convolution with weight 1 (an exact copy) gives the
+    fusion a convolution again: one blocked pass (read the product and the shortcut, write the
+    sum's ReLU) instead of a separate ``Add`` and ``Relu``. Applied after ``blocked_scale``, on
+    the multiplies it made (the product is then blocked); a shortcut that is itself a
+    convolution's output (a downsample) is fused there already and left alone.
 ``fold_initial_state``
     :func:`fxattn.lowp.fold_initial_state`: at the first site of every group ``h = c = 0``, so
     the hidden path there is a constant row and ``f * c`` vanishes; fewer matrix bytes read.
@@ -62,6 +71,7 @@ class OnnxOptimize:
     blocked_pool: bool = True
     pool_before_conv: bool = True
     blocked_scale: bool = True
+    fused_residual: bool = True
     fold_initial_state: bool = True
 
     def __post_init__(self) -> None:
@@ -249,10 +259,9 @@ def pool_before_conv(model: Any, shapes: dict, consts: dict) -> int:
 def blocked_scale(model: Any, shapes: dict, consts: dict) -> int:
     """DIA's ``A * h[:, :, None, None]`` -> ``A * Resize(DepthwiseConv1x1(h, 1), H x W)``."""
     import onnx
-    from onnx import numpy_helper
 
     producer = {out: node for node in model.graph.node for out in node.output}
-    nodes, count, added = [], 0, set()
+    nodes, count = [], 0
     for node in model.graph.node:
         fits = in_dia(node) and node.op_type == "Mul" and len(node.input) == 2
         if fits:
@@ -268,12 +277,10 @@ def blocked_scale(model: Any, shapes: dict, consts: dict) -> int:
             continue
         a, h = node.input
         channels, height, width = big[1], big[2], big[3]
-        ones, scales = f"fxattn_opt.ones_{channels}", f"fxattn_opt.scales_{height}x{width}"
-        for name, value in ((ones, np.ones((channels, 1, 1, 1), np.float32)),
-                            (scales, np.array([1, 1, height, width], np.float32))):
-            if name not in added:
-                model.graph.initializer.append(numpy_helper.from_array(value, name))
-                added.add(name)
+        ones = _constant(model, f"fxattn_opt.ones_{channels}",
+                         np.ones((channels, 1, 1, 1), np.float32))
+        scales = _constant(model, f"fxattn_opt.scales_{height}x{width}",
+                           np.array([1, 1, height, width], np.float32))
         blocked, full = f"{node.output[0]}__scale_blocked", f"{node.output[0]}__scale_full"
         nodes += _scoped(
             node,
@@ -291,6 +298,66 @@ def blocked_scale(model: Any, shapes: dict, consts: dict) -> int:
         count += 1
     _replace_nodes(model, nodes)
     return count
+
+
+def fused_residual(model: Any, shapes: dict, consts: dict) -> int:
+    """``Relu(A * h + s)`` -> ``Relu(DepthwiseConv1x1(A * h, 1) + s)`` after ``blocked_scale``."""
+    import onnx
+
+    producer = {out: node for node in model.graph.node for out in node.output}
+    users: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+
+    def blocked_product(name: str) -> bool:
+        """Made by ``blocked_scale``: a DIA ``Mul`` by an expanded (``Resize``d) scale."""
+        mul = producer.get(name)
+        if mul is None or mul.op_type != "Mul" or not in_dia(mul):
+            return False
+        expand = producer.get(mul.input[1])
+        return expand is not None and expand.name.endswith("/fxattn_expand")
+
+    nodes, count = [], 0
+    for node in model.graph.node:
+        product = None
+        if node.op_type == "Add" and len(node.input) == 2:
+            after = users.get(node.output[0], [])
+            for ours, theirs in (node.input, node.input[::-1]):
+                shortcut = producer.get(theirs)
+                if (blocked_product(ours) and len(after) == 1 and after[0].op_type == "Relu"
+                        and (shortcut is None or shortcut.op_type != "Conv")
+                        and len(users.get(ours, [])) == 1
+                        and shapes.get(ours) == shapes.get(theirs)):
+                    product = ours
+                    break
+        if product is None:
+            nodes.append(node)
+            continue
+        channels = shapes[product][1]
+        ones = _constant(model, f"fxattn_opt.ones_{channels}",
+                         np.ones((channels, 1, 1, 1), np.float32))
+        copied = f"{product}__fusable"
+        nodes += _scoped(producer[product], onnx.helper.make_node(
+            "Conv", [product, ones], [copied], group=channels, kernel_shape=[1, 1],
+            name=f"{node.name}/fxattn_fusable"))
+        node.input[list(node.input).index(product)] = copied
+        nodes.append(node)
+        model.graph.value_info.append(
+            onnx.helper.make_tensor_value_info(copied, onnx.TensorProto.FLOAT, shapes[product]))
+        count += 1
+    _replace_nodes(model, nodes)
+    return count
+
+
+def _constant(model: Any, name: str, value: np.ndarray) -> str:
+    """``name``, added as an initializer holding ``value`` unless the graph has it already
+    (the rewrites share their constant copies: one ``ones`` per channel count)."""
+    from onnx import numpy_helper
+
+    if not any(init.name == name for init in model.graph.initializer):
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
 
 
 def _scoped(origin: Any, *nodes: Any) -> list[Any]:
@@ -324,6 +391,8 @@ def optimize_model(model: Any, options: OnnxOptimize | None = None) -> OptimizeR
         report.counts["pool_before_conv"] = pool_before_conv(model, shapes, consts)
     if options.blocked_scale:
         report.counts["blocked_scale"] = blocked_scale(model, shapes, consts)
+    if options.fused_residual:
+        report.counts["fused_residual"] = fused_residual(model, shapes, consts)
     if options.fold_initial_state:
         report.counts["fold_initial_state"] = fold_initial_state(model, check=False,
                                                                   seeds=in_dia)

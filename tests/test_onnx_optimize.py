@@ -26,7 +26,11 @@ from fxattn.onnx_optimize import OnnxOptimize, in_dia, optimize_onnx_file, resol
 
 SITES = 6  # two blocks in each of three stages
 GROUPS = 3
-ONLY = {name: OnnxOptimize(**{k: k == name for k in OnnxOptimize().to_dict()})
+IDENTITY_SHORTCUTS = SITES - GROUPS  # each stage's first block has a downsample convolution
+#: rewrites that act only on what another one made
+REQUIRES = {"fused_residual": ("blocked_scale",)}
+ONLY = {name: OnnxOptimize(**{k: k == name or k in REQUIRES.get(name, ())
+                              for k in OnnxOptimize().to_dict()})
         for name in OnnxOptimize().to_dict()}
 # measured: worst |ort - torch| 3e-7 on logits of magnitude ~0.3 (any combination of rewrites)
 ATOL, RTOL = 1e-5, 1e-4
@@ -70,7 +74,8 @@ def _ops(path: Path) -> Counter:
 def test_each_rewrite_alone_is_exact(name: str, lean: torch.nn.Module, plain_onnx: Path,
                                      tmp_path: Path) -> None:
     path, counts = _rewritten(plain_onnx, tmp_path, ONLY[name])
-    assert counts[name] > 0 and all(v == 0 for k, v in counts.items() if k != name)
+    assert counts[name] > 0 and all(v == 0 for k, v in counts.items()
+                                    if k != name and k not in REQUIRES.get(name, ()))
     before, after = _ops(plain_onnx), _ops(path)
     if name == "blocked_pool":  # every DIA pool; the classifier's own pool stays
         assert counts[name] == SITES
@@ -79,6 +84,9 @@ def test_each_rewrite_alone_is_exact(name: str, lean: torch.nn.Module, plain_onn
     elif name == "blocked_scale":
         assert counts[name] == SITES
         assert after["Resize"] == SITES and after["Conv"] == before["Conv"] + SITES
+    elif name == "fused_residual":  # a copy before each Add whose shortcut is no conv
+        assert counts[name] == IDENTITY_SHORTCUTS
+        assert after["Conv"] == before["Conv"] + SITES + IDENTITY_SHORTCUTS
     elif name == "pool_before_conv":
         # applies where (C_out - C_in) * H * W > C_out * C_in: stages 1 and 2, not 3 (8x8)
         assert counts[name] == 4
@@ -96,6 +104,7 @@ def test_all_rewrites_together_are_exact_and_export_onnx_runs_them(
     _assert_parity(tmp_path / "default.onnx", lean)
     counts = _rewritten(plain_onnx, tmp_path, OnnxOptimize())[1]
     assert counts == {"blocked_pool": 6, "pool_before_conv": 4, "blocked_scale": 6,
+                      "fused_residual": IDENTITY_SHORTCUTS,
                       "fold_initial_state": counts["fold_initial_state"]}
 
 
@@ -124,6 +133,24 @@ def test_onnxruntime_keeps_the_dia_multiply_and_add_in_the_blocked_layout(
     assert before["com.microsoft.nchwc:ReorderInput"] >= SITES - 1
     # the residual Add is fused into the downsample convolution of each stage's first block
     assert after[":Add"] < before[":Add"]
+
+
+def test_onnxruntime_fuses_the_residual_add_and_relu_again(plain_onnx: Path,
+                                                             tmp_path: Path) -> None:
+    unfused, _ = _rewritten(plain_onnx, tmp_path, OnnxOptimize(fused_residual=False))
+    before = _ort_optimised(unfused, tmp_path)
+    if not before["com.microsoft.nchwc:Conv"]:
+        pytest.skip("this CPU has no onnxruntime NCHWc kernels (no AVX2)")
+    fused = tmp_path / "fused.onnx"
+    shutil.copy(plain_onnx, fused)
+    optimize_onnx_file(fused, OnnxOptimize())
+    after = _ort_optimised(fused, tmp_path)
+    # each identity-shortcut block's Add and ReLU run inside the copying convolution
+    assert after[":Add"] == before[":Add"] - IDENTITY_SHORTCUTS
+    assert after[":Relu"] == before[":Relu"] - IDENTITY_SHORTCUTS
+    assert after["com.microsoft.nchwc:Conv"] == (before["com.microsoft.nchwc:Conv"]
+                                                 + IDENTITY_SHORTCUTS)
+    assert after["com.microsoft.nchwc:ReorderInput"] == before["com.microsoft.nchwc:ReorderInput"]
 
 
 def test_models_without_dia_export_node_for_node_as_before(tmp_path: Path) -> None:
@@ -164,6 +191,7 @@ def test_token_dia_gets_only_the_state_fold(tmp_path: Path) -> None:
     export_onnx(lean, plain, x, optimize=False, verify=False)
     path, counts = _rewritten(plain, tmp_path, OnnxOptimize())
     assert counts["blocked_pool"] == counts["blocked_scale"] == counts["pool_before_conv"] == 0
+    assert counts["fused_residual"] == 0
     session = ort_session(str(path), threads=1)
     xs = torch.randn(3, 5, 8)
     got = session.run(None, {session.get_inputs()[0].name: xs.numpy()})[0]
