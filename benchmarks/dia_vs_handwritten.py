@@ -9,7 +9,8 @@ measures it so that it can:
   spinning): ``original``, ``original-twin`` (the same file in a second session: identical
   work, so its distance from ``original`` is the noise), ``lean`` (fxattn's default export,
   the exact rewrites of ``fxattn.onnx_optimize`` on), ``lean-noopt`` (the same model exported
-  with ``optimize=False``) and ``hand-dia`` (``benchmarks/handwritten_dia.py``, weights copied
+  with ``optimize=False``), ``lean-nofuse`` (every rewrite but ``fused_residual``, so its
+  distance from ``lean`` is what that rewrite gives) and ``hand-dia`` (``benchmarks/handwritten_dia.py``, weights copied
   from the lean model, outputs checked equal);
 * ``--rounds`` rounds per batch size, each running every session once in a freshly shuffled
   order (so no model always follows the same neighbour), after ``--warmup`` rounds;
@@ -55,7 +56,7 @@ BOOTSTRAP = 5000
 
 
 def export_files(folder: Path, size: int) -> tuple[dict[str, Path], float]:
-    """The four ONNX files (``original-twin`` reuses ``original``'s), each verified, and the
+    """The five ONNX files (``original-twin`` reuses ``original``'s), each verified, and the
     largest difference between the hand-written and the lean model's outputs in PyTorch."""
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
@@ -63,8 +64,10 @@ def export_files(folder: Path, size: int) -> tuple[dict[str, Path], float]:
     lean = fxattn.strip_ssia(fxattn.transform(model, x, ssia=False))
     hand, gap = matched_hand_dia(lean, x)
     files = {}
+    no_fuse = fxattn.OnnxOptimize(fused_residual=False)
     for name, module, optimize in (("original", model, True), ("lean", lean, True),
-                                   ("lean-noopt", lean, False), ("hand-dia", hand, True)):
+                                   ("lean-noopt", lean, False), ("lean-nofuse", lean, no_fuse),
+                                   ("hand-dia", hand, True)):
         files[name] = folder / f"{name}.onnx"
         fxattn.export_onnx(module, files[name], x, optimize=optimize)
     files["original-twin"] = files["original"]
@@ -93,12 +96,13 @@ def share_statistics(samples: dict[str, list[float]], seed: int = 0) -> dict[str
     rounds = len(next(iter(arrays.values())))
     point = overheads(arrays, slice(None))
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {"lean": [], "lean-noopt": [], "original-twin": []}
+    shared = ("lean", "lean-noopt", "lean-nofuse")
+    draws: dict[str, list[float]] = {name: [] for name in (*shared, "original-twin")}
     for _ in range(BOOTSTRAP):
         rows = rng.integers(0, rounds, rounds)
         over = overheads(arrays, rows)
-        draws["lean"].append(over["lean"] / over["hand-dia"])
-        draws["lean-noopt"].append(over["lean-noopt"] / over["hand-dia"])
+        for name in shared:
+            draws[name].append(over[name] / over["hand-dia"])
         draws["original-twin"].append(over["original-twin"])
     out: dict[str, Any] = {
         "rounds": rounds,
@@ -107,7 +111,7 @@ def share_statistics(samples: dict[str, list[float]], seed: int = 0) -> dict[str
         "noise_twin_overhead_ci95": [float(np.percentile(draws["original-twin"], q))
                                      for q in (2.5, 97.5)],
     }
-    for model in ("lean", "lean-noopt"):
+    for model in shared:
         low, high = (float(np.percentile(draws[model], q)) for q in (2.5, 97.5))
         verdict = ("met" if high <= TARGET_SHARE else "not met" if low > TARGET_SHARE
                    else "not decided")
@@ -129,9 +133,10 @@ def markdown(results: dict[str, Any]) -> str:
         "`original` - 1; share = overhead of the fxattn model / overhead of `hand-dia` (target "
         f"<= {TARGET_SHARE}); 95% intervals by bootstrap over rounds ({BOOTSTRAP} draws). "
         "`original-twin` is the original file in a second session: its overhead is noise.", "",
-        "| batch | rounds | original ms | original-twin | lean | lean-noopt | hand-dia | "
-        "lean / hand [95% CI] | lean-noopt / hand [95% CI] |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| batch | rounds | original ms | original-twin | lean | lean-nofuse | lean-noopt | "
+        "hand-dia | lean / hand [95% CI] | lean-nofuse / hand [95% CI] | "
+        "lean-noopt / hand [95% CI] |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for batch, s in results["batches"].items():
         o = s["overhead"]
@@ -144,8 +149,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {batch} | {s['rounds']} | {s['p50_ms']['original']:.1f} | "
             f"{o['original-twin'] * 100:+.1f}% [{twin[0] * 100:+.1f}, {twin[1] * 100:+.1f}] | "
-            f"{o['lean'] * 100:+.1f}% | {o['lean-noopt'] * 100:+.1f}% | "
-            f"{o['hand-dia'] * 100:+.1f}% | {share('lean_share')} | {share('lean-noopt_share')} |")
+            f"{o['lean'] * 100:+.1f}% | {o['lean-nofuse'] * 100:+.1f}% | "
+            f"{o['lean-noopt'] * 100:+.1f}% | {o['hand-dia'] * 100:+.1f}% | "
+            f"{share('lean_share')} | {share('lean-nofuse_share')} | "
+            f"{share('lean-noopt_share')} |")
     lines += ["", f"hand-dia vs lean in PyTorch: outputs equal to {results['hand_gap']}.", ""]
     return "\n".join(lines)
 
