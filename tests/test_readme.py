@@ -25,5 +25,5 @@ def test_quickstart_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_readme_test_command_is_what_ci_runs() -> None:
     ci = (README.parent / ".ci" / "run").read_text()
-    assert ".venv/bin/python -m pytest -q" in README.read_text()
-    assert ".venv/bin/python -m pytest -q" in ci
+    assert ".venv/bin/python -m pytest -q -n auto --dist loadfile" in README.read_text()
+    assert ".venv/bin/python -m pytest -q -n auto --dist loadfile" in ci
