@@ -336,8 +336,9 @@ def export_onnx(
         dia_weights: ``"fp16"``, ``"int8"`` or ``"int4"`` stores only DIA's matrices at lower
             precision (see :mod:`fxattn.lowp`); verification then uses that mode's looser
             tolerance (``fxattn.lowp.LOWP_ATOL`` / ``LOWP_RTOL``) where it exceeds yours.
-        optimize: the exact DIA rewrites of :mod:`fxattn.onnx_optimize` (``True``: all, the
-            default; ``False``: none; an :class:`fxattn.OnnxOptimize` picks them). A model
+        optimize: the exact DIA rewrites of :mod:`fxattn.onnx_optimize` (``True``, the
+            default: all but the opt-in ``fused_residual``; ``False``: none; an
+            :class:`fxattn.OnnxOptimize` picks them). A model
             without DIA is never changed by them.
 
     A detector (a scoped fxattn model, or a module fed a list of images) is exported whole

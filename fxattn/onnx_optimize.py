@@ -89,7 +89,8 @@ class OnnxOptimize:
 
 
 def resolve_optimize(value: bool | OnnxOptimize | None) -> OnnxOptimize | None:
-    """``True`` -> all rewrites, ``False``/``None`` -> none, an :class:`OnnxOptimize` -> itself."""
+    """``True`` -> the defaults of :class:`OnnxOptimize`, ``False``/``None`` -> none, an
+    :class:`OnnxOptimize` -> itself."""
     if value is True:
         return OnnxOptimize()
     if value is False or value is None:
