@@ -123,8 +123,8 @@ def share_statistics(samples: dict[str, list[list[float]]], seed: int = 0) -> di
             draws[name].append(over[name] / over["hand-dia"])
         draws["original-twin"].append(over["original-twin"])
         draws["fuse"].append((1 + over["lean-fuse"]) / (1 + over["lean"]))
-    block_overheads = {n: [overheads({m: a[b] for m, a in arrays.items()})[n]
-                           for b in range(blocks)] for n in arrays}
+    per_block = [overheads({n: v[b] for n, v in arrays.items()}) for b in range(blocks)]
+    block_overheads = {n: [over[n] for over in per_block] for n in arrays}
     out: dict[str, Any] = {
         "blocks": blocks, "rounds_per_block": rounds,
         "p50_ms": {n: float(np.median(v)) for n, v in arrays.items()},
