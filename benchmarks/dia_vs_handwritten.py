@@ -7,11 +7,10 @@ measures it so that it can:
 
 * one process, one onnxruntime CPU session per file (``threads`` intra-op threads, no
   spinning): ``original``, ``original-twin`` (the same file in a second session: identical
-  work, so its distance from ``original`` is the noise), ``lean`` (fxattn's default export,
-  the default exact rewrites of ``fxattn.onnx_optimize``), ``lean-noopt`` (the same model
-  exported with ``optimize=False``), ``lean-fuse`` (the default plus the opt-in
-  ``fused_residual``, so its distance from ``lean`` is what that rewrite gives) and
-  ``hand-dia``
+  work, so its distance from ``original`` is the noise), fxattn's exports of one lean model
+  (``VARIANTS``: ``lean`` with the default exact rewrites of ``fxattn.onnx_optimize``, and
+  ``lean-noscale``, ``lean-fuse``, ``lean-noopt`` with one rewrite off, one opt-in rewrite on,
+  and none, so each one's distance from ``lean`` is what that switch gives) and ``hand-dia``
   (``benchmarks/handwritten_dia.py``, weights copied from the lean model, outputs checked
   equal);
 * ``--blocks`` blocks per batch size; each block opens a fresh session for every file (in a
@@ -22,7 +21,7 @@ measures it so that it can:
   so rounds within one set of sessions cannot average that out - blocks can;
 * overhead of a model = median(model) / median(original) - 1 over all its samples; the
   statistics are the share ``overhead(model) / overhead(hand-dia)`` (target: <= 0.85) for
-  ``lean``, ``lean-fuse`` and ``lean-noopt``;
+  every variant, and every variant's latency relative to ``lean``'s;
 * a 95% confidence interval by a two-level bootstrap: blocks drawn with replacement, then
   rounds within each drawn block (a round's samples stay together, so the pairing of the
   interleaving is kept); the target is *met* when the whole interval is at most 0.85, *not
@@ -64,8 +63,24 @@ TARGET_SHARE = 0.85
 BOOTSTRAP = 5000
 
 
+#: fxattn's exports measured against the hand-written DIA: name -> ``optimize=`` of export_onnx
+VARIANTS: dict[str, Any] = {
+    "lean": True,  # the default exact rewrites
+    "lean-noscale": fxattn.OnnxOptimize(blocked_scale=False),
+    "lean-fuse": fxattn.OnnxOptimize(fused_residual=True),
+    "lean-noopt": False,
+}
+#: the sessions that are not fxattn variants
+REFERENCES = ("original", "original-twin", "hand-dia")
+VARIANT_NOTES = {
+    "lean-noscale": "is `lean` without the `blocked_scale` rewrite",
+    "lean-fuse": "is `lean` with the opt-in `fused_residual` rewrite",
+    "lean-noopt": "is exported with `optimize=False` (no rewrite)",
+}
+
+
 def export_files(folder: Path, size: int) -> tuple[dict[str, Path], float]:
-    """The five ONNX files (``original-twin`` reuses ``original``'s), each verified, and the
+    """The ONNX files (``original-twin`` reuses ``original``'s), each verified, and the
     largest difference between the hand-written and the lean model's outputs in PyTorch."""
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
@@ -73,10 +88,10 @@ def export_files(folder: Path, size: int) -> tuple[dict[str, Path], float]:
     lean = fxattn.strip_ssia(fxattn.transform(model, x, ssia=False))
     hand, gap = matched_hand_dia(lean, x)
     files = {}
-    fuse = fxattn.OnnxOptimize(fused_residual=True)
-    for name, module, optimize in (("original", model, True), ("lean", lean, True),
-                                   ("lean-noopt", lean, False), ("lean-fuse", lean, fuse),
-                                   ("hand-dia", hand, True)):
+    exports = [("original", model, True), *((name, lean, optimize)
+                                            for name, optimize in VARIANTS.items()),
+               ("hand-dia", hand, True)]
+    for name, module, optimize in exports:
         files[name] = folder / f"{name}.onnx"
         fxattn.export_onnx(module, files[name], x, optimize=optimize)
     files["original-twin"] = files["original"]
@@ -106,23 +121,32 @@ def overheads(samples: dict[str, np.ndarray]) -> dict[str, float]:
     return {n: float(np.median(v) / base - 1) for n, v in samples.items()}
 
 
+def variants_in(samples: dict[str, Any]) -> list[str]:
+    """fxattn's variants among the sampled sessions, ``lean`` first."""
+    return sorted((n for n in samples if n not in REFERENCES), key=lambda n: (n != "lean", n))
+
+
 def share_statistics(samples: dict[str, list[list[float]]], seed: int = 0) -> dict[str, Any]:
-    """Overheads, the shares of each fxattn model's overhead in hand-dia's, and their 95%
-    two-level bootstrap intervals (blocks, then rounds within a block)."""
+    """Overheads, the shares of each fxattn variant's overhead in hand-dia's, each variant's
+    latency relative to ``lean``, and their 95% two-level bootstrap intervals (blocks, then
+    rounds within a block)."""
     arrays = {n: np.asarray(v) for n, v in samples.items()}  # (blocks, rounds)
     blocks, rounds = arrays["original"].shape
     point = overheads(arrays)
     rng = np.random.default_rng(seed)
-    shared = ("lean", "lean-fuse", "lean-noopt")
-    draws: dict[str, list[float]] = {name: [] for name in (*shared, "original-twin", "fuse")}
+    shared = variants_in(arrays)
+    others = [n for n in shared if n != "lean"]
+    draws: dict[str, list[float]] = {name: [] for name in (*shared, "original-twin")}
+    ratio_draws: dict[str, list[float]] = {name: [] for name in others}
     for _ in range(BOOTSTRAP):
         block_rows = rng.integers(0, blocks, blocks)[:, None]
         round_rows = rng.integers(0, rounds, (blocks, rounds))
         over = overheads({n: v[block_rows, round_rows] for n, v in arrays.items()})
         for name in shared:
             draws[name].append(over[name] / over["hand-dia"])
+        for name in others:
+            ratio_draws[name].append((1 + over[name]) / (1 + over["lean"]))
         draws["original-twin"].append(over["original-twin"])
-        draws["fuse"].append((1 + over["lean-fuse"]) / (1 + over["lean"]))
     per_block = [overheads({n: v[b] for n, v in arrays.items()}) for b in range(blocks)]
     block_overheads = {n: [over[n] for over in per_block] for n in arrays}
     out: dict[str, Any] = {
@@ -132,10 +156,11 @@ def share_statistics(samples: dict[str, list[list[float]]], seed: int = 0) -> di
         "overhead_per_block": block_overheads,
         "noise_twin_overhead_ci95": [float(np.percentile(draws["original-twin"], q))
                                      for q in (2.5, 97.5)],
-        # what fused_residual alone does: latency of lean-fuse / latency of lean
-        "fused_residual_ratio": {
-            "point": (1 + point["lean-fuse"]) / (1 + point["lean"]),
-            "ci95": [float(np.percentile(draws["fuse"], q)) for q in (2.5, 97.5)]},
+        # what each variant's rewrites change: its latency / lean's latency
+        "ratio_to_lean": {
+            name: {"point": (1 + point[name]) / (1 + point["lean"]),
+                   "ci95": [float(np.percentile(ratio_draws[name], q)) for q in (2.5, 97.5)]}
+            for name in others},
     }
     for model in shared:
         low, high = (float(np.percentile(draws[model], q)) for q in (2.5, 97.5))
@@ -148,12 +173,15 @@ def share_statistics(samples: dict[str, list[list[float]]], seed: int = 0) -> di
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
+    first = next(iter(results["batches"].values()))
+    names = variants_in(first["overhead"])
     lines = [
         "# Lean DIA-ResNet-50 vs hand-written DIA-ResNet-50 (target 1, with confidence "
         "intervals)", "",
-        f"Command: `{results['command']}`. Machine: {m.get('cpu', '?')}, {os.cpu_count()} "
-        f"logical CPUs; onnxruntime {m.get('onnxruntime', '?')}, {results['threads']} intra-op "
-        f"threads, no spinning; {results['size']}x{results['size']} input; load average "
+        f"Command: `{results['command']}`. Machine: {m.get('cpu', '?')}, "
+        f"{m.get('cpu_count', os.cpu_count())} logical CPUs; onnxruntime "
+        f"{m.get('onnxruntime', '?')}, {results['threads']} intra-op threads, no spinning; "
+        f"{results['size']}x{results['size']} input; load average "
         f"{results['load_before'][0]:.2f} before, {results['load_after'][0]:.2f} after.", "",
         "Each block opens fresh sessions; each round runs every session once in a shuffled "
         "order; overhead = median / median of "
@@ -161,11 +189,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"<= {TARGET_SHARE}); 95% intervals by a two-level bootstrap (blocks, then rounds; "
         f"{BOOTSTRAP} draws). "
         "`original-twin` is the original file in a second session: its overhead is noise. "
-        "`lean-fuse` is `lean` with the opt-in `fused_residual` rewrite.", "",
-        "| batch | blocks x rounds | original ms | original-twin | lean | lean-fuse | "
-        "lean-noopt | hand-dia | lean / hand [95% CI] | lean-fuse / hand [95% CI] | "
-        "lean-noopt / hand [95% CI] |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+        "`lean` is fxattn's default export; " + "; ".join(
+            f"`{name}` {VARIANT_NOTES.get(name, 'another export of the same model')}"
+            for name in names if name != "lean") + ".", "",
+        "| batch | blocks x rounds | original ms | original-twin | hand-dia | "
+        + " | ".join(f"{n}" for n in names) + " | "
+        + " | ".join(f"{n} / hand [95% CI]" for n in names) + " |",
+        "|---:|---:|---:|---:|---:|" + "---:|" * len(names) + "---|" * len(names),
     ]
     for batch, s in results["batches"].items():
         o = s["overhead"]
@@ -179,14 +209,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {batch} | {s['blocks']} x {s['rounds_per_block']} | "
             f"{s['p50_ms']['original']:.1f} | "
             f"{o['original-twin'] * 100:+.1f}% [{twin[0] * 100:+.1f}, {twin[1] * 100:+.1f}] | "
-            f"{o['lean'] * 100:+.1f}% | {o['lean-fuse'] * 100:+.1f}% | "
-            f"{o['lean-noopt'] * 100:+.1f}% | {o['hand-dia'] * 100:+.1f}% | "
-            f"{share('lean_share')} | {share('lean-fuse_share')} | "
-            f"{share('lean-noopt_share')} |")
-    lines += ["", "`fused_residual` alone (latency of lean-fuse / lean, 95% CI): " + "; ".join(
-        f"batch {batch} {s['fused_residual_ratio']['point']:.3f} "
-        f"[{s['fused_residual_ratio']['ci95'][0]:.3f}, {s['fused_residual_ratio']['ci95'][1]:.3f}]"
-        for batch, s in results["batches"].items()) + "."]
+            f"{o['hand-dia'] * 100:+.1f}% | "
+            + " | ".join(f"{o[n] * 100:+.1f}%" for n in names) + " | "
+            + " | ".join(share(f"{n}_share") for n in names) + " |")
+    lines += ["", "Each variant against `lean` (its latency / lean's, 95% CI; below 1 is faster):",
+              ""]
+    for batch, s in results["batches"].items():
+        lines.append(f"- batch {batch}: " + "; ".join(
+            f"{name} {v['point']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+            for name, v in s["ratio_to_lean"].items()))
     if results.get("relabelled"):
         lines += ["", f"Note: {results['relabelled']}."]
     lines += ["", f"hand-dia vs lean in PyTorch: outputs equal to {results['hand_gap']}.", ""]

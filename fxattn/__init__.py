@@ -10,6 +10,7 @@ SSIA for deployment; export a lean ONNX model verified in onnxruntime; benchmark
 >>> lean = fxattn.strip_ssia(net)
 """
 
+from . import export_detection  # noqa: F401 - registers the detector export with export_onnx
 from .analysis import Plan
 from .bench import BenchmarkResult, benchmark
 from .config import DIA, SSIA

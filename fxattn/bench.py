@@ -35,6 +35,7 @@ from torch import nn
 
 from .config import Tolerance
 from .errors import ConfigError, InputError, VerificationError, first_line
+from .runtime import torch_threads
 
 ENGINES = ("torch", "onnxruntime")
 
@@ -383,17 +384,6 @@ class BenchmarkResult:
 
 def _fmt(value: float | None, spec: str = "") -> str:
     return "-" if value is None else format(value, spec)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Set ``torch.set_num_threads`` for the duration of a benchmark."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

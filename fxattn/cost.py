@@ -79,7 +79,7 @@ def memory_bandwidth(threads: int, megabytes: int = 256, repeats: int = 7) -> fl
     a ``megabytes`` fp32 tensor with ``threads`` torch threads - far larger than any cache."""
     import torch
 
-    from .bench import torch_threads
+    from .runtime import torch_threads
 
     with torch_threads(threads):
         src = torch.rand(megabytes * 2**20 // 4)

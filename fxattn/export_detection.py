@@ -45,9 +45,10 @@ from .onnx_export import (
     export_onnx,
     onnx_file_bytes,
     ort_session,
+    register_special_export,
 )
 from .scope import parts_of, scope_info
-from .tracing import count_parameters
+from .tracing import ExampleInputs, count_parameters
 
 DETECTION_EXPORTERS = ("auto", "torchscript", "dynamo")
 
@@ -393,3 +394,20 @@ def _export_parts(lean: nn.Module, target: Path, overwrite: bool,
         parameters=count_parameters(lean), export_seconds=0.0, image_sizes=[],
         match=MatchReport(), rule=MatchRule(), verified=False, notes=notes, parts=reports,
     )
+
+
+def is_detection_export(module: nn.Module, inputs: ExampleInputs) -> bool:
+    """A scoped fxattn model, or a forward fed a list of images (a torchvision detector)."""
+    return scope_info(module) is not None or bool(
+        inputs.args and isinstance(inputs.args[0], list) and inputs.batches()[1])
+
+
+def _export_onnx_detector(module: nn.Module, path: Path, inputs: ExampleInputs, *,
+                          verify: bool, overwrite: bool, seed: int, exporter: str,
+                          opset: int | None) -> DetectionExportReport:
+    """:func:`fxattn.export_onnx`'s options, passed on to :func:`export_detector`."""
+    return export_detector(module, path, inputs.args, verify=verify, overwrite=overwrite,
+                           seed=seed, exporter=exporter, opset=opset)
+
+
+register_special_export(is_detection_export, _export_onnx_detector)

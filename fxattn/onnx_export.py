@@ -26,7 +26,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,19 @@ class ExportReport:
             )
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+#: Exports of models that are not one graph from tensors to tensors, tried in order before the
+#: plain export: ``(recognises(module, inputs), export(module, path, inputs, **options))``.
+#: :mod:`fxattn.export_detection` registers detectors (``list[image] -> list[dict]``); a
+#: registry keeps this module below the special exports instead of importing them.
+SPECIAL_EXPORTS: list[tuple[Callable[[nn.Module, ExampleInputs], bool], Callable[..., Any]]] = []
+
+
+def register_special_export(recognises: Callable[[nn.Module, ExampleInputs], bool],
+                            export: Callable[..., Any]) -> None:
+    """Route :func:`export_onnx` calls whose module and inputs ``recognises`` to ``export``."""
+    SPECIAL_EXPORTS.append((recognises, export))
 
 
 def check_output_path(path: str | os.PathLike[str], overwrite: bool = True) -> Path:
@@ -337,9 +350,9 @@ def export_onnx(
             precision (see :mod:`fxattn.lowp`); verification then uses that mode's looser
             tolerance (``fxattn.lowp.LOWP_ATOL`` / ``LOWP_RTOL``) where it exceeds yours.
         optimize: the exact DIA rewrites of :mod:`fxattn.onnx_optimize` (``True``, the
-            default: all but the opt-in ``fused_residual``; ``False``: none; an
-            :class:`fxattn.OnnxOptimize` picks them). A model
-            without DIA is never changed by them.
+            default: all but the opt-in ``blocked_scale`` and ``fused_residual``; ``False``:
+            none; an :class:`fxattn.OnnxOptimize` picks them). A model without DIA is never
+            changed by them.
 
     A detector (a scoped fxattn model, or a module fed a list of images) is exported whole
     by :func:`fxattn.export_detection.export_detector`, which verifies detections instead of
@@ -380,12 +393,10 @@ def export_onnx(
     inputs = ExampleInputs.from_user(example_inputs)
     notes: list[str] = []
     module = unwrap(module)
-    if _is_detection_export(module, inputs):  # list[image] -> list[dict]: its own export
-        from .export_detection import export_detector
-
-        return export_detector(module, target, inputs.args, verify=verify,  # type: ignore
-                               overwrite=overwrite, seed=seed,
-                               exporter="auto" if exporter == "auto" else exporter, opset=opset)
+    for recognises, special_export in SPECIAL_EXPORTS:  # e.g. list[image] -> list[dict]
+        if recognises(module, inputs):
+            return special_export(module, target, inputs, verify=verify,  # type: ignore
+                                  overwrite=overwrite, seed=seed, exporter=exporter, opset=opset)
     if isinstance(module, AttentionGraphModule):
         from .transform import strip_ssia
 
@@ -492,14 +503,6 @@ def _fixed_batch(module: nn.Module) -> int | None:
     if info is None and isinstance(module, fx.GraphModule):
         info = module.meta.get("fxattn_info")  # its stripped (lean) graph
     return getattr(info.plan, "fixed_batch", None) if info is not None else None
-
-
-def _is_detection_export(module: nn.Module, inputs: ExampleInputs) -> bool:
-    """A scoped fxattn model, or a forward fed a list of images (a torchvision detector)."""
-    from .scope import scope_info
-
-    return scope_info(module) is not None or bool(
-        inputs.args and isinstance(inputs.args[0], list) and inputs.batches()[1])
 
 
 def _check_runs(module: nn.Module, inputs: ExampleInputs) -> None:

@@ -26,7 +26,11 @@ exporter's name scopes ``fxattn_dia.*``), so a model without DIA is left byte fo
     the blocked layout too (fused into the downsample convolution where there is one). Needs
     static ``H, W`` and ``C % 16 == 0`` (the blocked layout's channel block); a ``value_info``
     entry for the ``Resize`` output gives onnxruntime the symbolic batch dimension it needs to
-    prove the shapes equal.
+    prove the shapes equal. **Off by default**: the large activations stay blocked as intended,
+    but the expanded copy of ``h`` is a full extra write and the blocked ``Mul`` reads two full
+    tensors; on ResNet-50 it measured slower than the plain broadcast ``Mul`` in NCHW (with its
+    two layout reorders) at batch 1 and no faster at batch 8, on two machines (an AMD EPYC and
+    an AVX-512 Intel Xeon; ``benchmarks/results/dia_vs_handwritten.md``).
 ``fused_residual``
     ``Relu(A * h + s)`` -> ``Relu(DepthwiseConv1x1(A * h, 1) + s)`` where ``s``, the shortcut,
     is not a convolution's output: onnxruntime fuses a residual ``Add`` and the ``ReLU`` after
@@ -36,9 +40,10 @@ exporter's name scopes ``fxattn_dia.*``), so a model without DIA is left byte fo
     sum's ReLU) instead of a separate ``Add`` and ``Relu``. Applied after ``blocked_scale``, on
     the multiplies it made (the product is then blocked); a shortcut that is itself a
     convolution's output (a downsample) is fused there already and left alone. **Off by
-    default**: onnxruntime does fuse as intended, but on ResNet-50 (2-core CPU, 224x224) it
-    measured slower at batch 1 in both runs of ``benchmarks/dia_vs_handwritten.py`` and no
-    faster at batch 8 - the extra convolution costs more than the Add and ReLU it fuses.
+    default** (and it needs ``blocked_scale``): onnxruntime does fuse as intended, but on
+    ResNet-50 (2-core CPU, 224x224) it measured slower in every run of
+    ``benchmarks/dia_vs_handwritten.py`` - the extra convolution costs more than the Add and
+    ReLU it fuses.
 ``fold_initial_state``
     :func:`fxattn.lowp.fold_initial_state`: at the first site of every group ``h = c = 0``, so
     the hidden path there is a constant row and ``f * c`` vanishes; fewer matrix bytes read.
@@ -67,16 +72,16 @@ NCHWC_BLOCK = 16
 class OnnxOptimize:
     """Switches of the exact DIA rewrites run by :func:`fxattn.export_onnx`.
 
-    All are on by default except ``fused_residual`` (exact, but measured slower; see the
-    module docstring). ``OnnxOptimize(blocked_scale=False)`` turns one off,
-    ``OnnxOptimize(fused_residual=True)`` turns that one on; ``export_onnx(...,
+    All are on by default except ``blocked_scale`` and ``fused_residual`` (exact, but
+    measured slower; see the module docstring). ``OnnxOptimize(pool_before_conv=False)`` turns
+    one off, ``OnnxOptimize(blocked_scale=True)`` turns one on; ``export_onnx(...,
     optimize=False)`` turns all off.
     """
 
     blocked_pool: bool = True
     pool_before_conv: bool = True
-    blocked_scale: bool = True
-    fused_residual: bool = False  # measured slower: opt-in
+    blocked_scale: bool = False  # measured slower: opt-in
+    fused_residual: bool = False  # measured slower, and needs blocked_scale: opt-in
     fold_initial_state: bool = True
 
     def __post_init__(self) -> None:
@@ -413,7 +418,7 @@ def optimize_onnx_file(path: str | Path, options: OnnxOptimize | None = None) ->
     """
     import onnx
 
-    from .onnx_export import external_data_path, save_with_external_data
+    from .onnx_files import external_data_path, save_with_external_data
 
     path = Path(path)
     model = onnx.load(str(path))

@@ -7,9 +7,12 @@ cores: ResNet-50 went from 46 ms to 83 ms), so spinning is off unless asked for.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 
 from .errors import VerificationError
 from .tracing import ExampleInputs
@@ -37,3 +40,14 @@ def ort_feed(session: Any, inputs: ExampleInputs) -> dict[str, np.ndarray]:
             f"the ONNX model takes {len(names)} inputs but the example has {len(tensors)} tensors"
         )
     return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors, strict=True)}
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Set ``torch.set_num_threads`` for the duration of a benchmark."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -175,7 +175,8 @@ def test_cli_bench_writes_json_markdown_and_png(tmp_path: Path,
 def test_cost_account_counts_dia_matrix_bytes_and_extra_passes() -> None:
     """One DIA site per group (64, 128, 256 channels): the folded lean model reads the input
     path's two matrices per site (5 C^2 bytes in fp32), the unoptimised one the hidden path's
-    too; the exact rewrites leave fewer extra activation bytes in onnxruntime's graph."""
+    too; the exact rewrites leave fewer extra activation bytes in onnxruntime's graph (the pool
+    runs blocked, on the narrower input of the last convolution where that reads less)."""
     torch.manual_seed(0)
     model = CifarResNet(depth=11, num_classes=10).eval()
     result = fxattn.benchmark(model, torch.randn(2, 3, 32, 32), ssia=False, batch_sizes=(1, 2),
@@ -186,7 +187,8 @@ def test_cost_account_counts_dia_matrix_bytes_and_extra_passes() -> None:
     assert noopt.dia_matrix_bytes == 2 * lean.dia_matrix_bytes
     assert int8.dia_matrix_bytes < lean.dia_matrix_bytes / 3  # 1 byte a weight + block scales
     assert lean.extra_activation_bytes < noopt.extra_activation_bytes
-    assert noopt.extra_ops.get("ReorderOutput", 0) > lean.extra_ops.get("ReorderOutput", 0)
+    assert noopt.extra_ops["ReduceMean"] == 3 and "GlobalAveragePool" not in noopt.extra_ops
+    assert lean.extra_ops["GlobalAveragePool"] == 3 and "ReduceMean" not in lean.extra_ops
     assert lean.bandwidth_gb_s > 0 and lean.lower_bound_ms > 0 and lean.multiple is not None
     saved = result.to_dict()["cost"]["lean"]["1"]
     assert saved["dia_matrix_mb_per_image"] == pytest.approx(lean.dia_matrix_bytes / 1e6)

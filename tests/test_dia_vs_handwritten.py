@@ -47,8 +47,9 @@ def test_a_clearly_smaller_overhead_is_met_and_an_equal_one_is_not() -> None:
     assert stats["lean_share"]["verdict"] == "met"
     assert stats["lean_share"]["ci95"][1] <= dia_vs_handwritten.TARGET_SHARE
     assert stats["lean-noopt_share"]["verdict"] == "not met"
-    low, high = stats["fused_residual_ratio"]["ci95"]
+    low, high = stats["ratio_to_lean"]["lean-fuse"]["ci95"]
     assert low <= 120 / 110 <= high
+    assert set(stats["ratio_to_lean"]) == {"lean-fuse", "lean-noopt"}
     twin_low, twin_high = stats["noise_twin_overhead_ci95"]
     assert twin_low <= 0 <= twin_high
 

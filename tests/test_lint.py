@@ -31,3 +31,56 @@ def test_library_modules_never_import_the_cli() -> None:
                 names = [alias.name for alias in node.names]
                 assert not (target.endswith("cli") or (target in (".", "..") and "cli" in names)
                             or target == "fxattn.cli"), f"{path.name} imports the CLI"
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """``fxattn`` module -> the ``fxattn`` modules it imports, at any depth of the file
+    (imports inside functions count: they are cycles that only hide until run time).
+    The package's ``__init__`` is the public facade on top, not a dependency: edges into it
+    (``from . import __version__``) are left out."""
+    import ast
+
+    package = ROOT / "fxattn"
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        base = name.split(".") if is_package else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            anchor = base[: len(base) - node.level + 1]
+            target = ".".join([*anchor, *(node.module.split(".") if node.module else [])])
+            candidates = [f"{target}.{alias.name}" for alias in node.names] + [target]
+            for candidate in candidates:
+                if candidate in modules and candidate != "fxattn" and candidate != name:
+                    graph[name].add(candidate)
+                    break
+    return graph
+
+
+def test_imports_point_one_way() -> None:
+    """No import cycles between fxattn's modules: each pass depends only on the ones below
+    it in the pipeline (trace, analyze, insert, strip, export, benchmark)."""
+    graph = _module_imports()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycle = stack[stack.index(target):] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)

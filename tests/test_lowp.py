@@ -156,7 +156,8 @@ def test_fold_initial_state_removes_first_site_hidden_path(
 def test_export_onnx_dia_weights_verifies_with_the_mode_tolerance(
     lean: torch.nn.Module, tmp_path: Path
 ) -> None:
-    report = export_onnx(lean, tmp_path / "q.onnx", torch.randn(2, 3, 32, 32), dia_weights="int4")
+    report = export_onnx(lean, tmp_path / "q.onnx", torch.randn(2, 3, 32, 32), dia_weights="int4",
+                         optimize=OnnxOptimize(blocked_scale=True))
     assert report.verified and report.atol == LOWP_ATOL["int4"]
     # on top of export_onnx's exact rewrites: the folded first sites' hidden paths are gone
     assert report.op_counts["MatMulNBits"] == DIA_LINEARS - 2 * GROUPS
