@@ -127,7 +127,11 @@ class SSIA:
 #: Verification defaults of :func:`fxattn.export_onnx` (the evidence: :mod:`fxattn.verify`).
 DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 1e-5
-DEFAULT_FLOAT64_FACTOR = 4.0
+# onnxruntime's float32 matmuls may round worse than PyTorch's own: on an AVX-512 Intel Xeon its
+# worst element on a cancellation model (tests/test_verify.py) was a median 3.4x, p90 5.4x and
+# at most 10.4x PyTorch's worst float32 error, over 40 random batches (4 had sufficed on an AMD
+# EPYC). A real mismatch sits orders of magnitude above either.
+DEFAULT_FLOAT64_FACTOR = 16.0
 
 
 @dataclass(frozen=True)
