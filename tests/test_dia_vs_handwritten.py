@@ -72,3 +72,26 @@ def test_reanalyse_rewrites_the_tables_from_the_saved_samples(tmp_path: Path) ->
     assert dia_vs_handwritten.main(["--reanalyse", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "dia_vs_handwritten.md").read_text()
     assert "| 1 | 8 x 20 |" in text and " met |" in text
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_time_blocks_samples_every_file_in_every_block(tmp_path: Path, spinning: bool) -> None:
+    """Both threading protocols give ``[block][round]`` milliseconds for every file; with
+    spinning workers each file is timed with the only live session of its block."""
+    import random
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    files = {"original": path, "original-twin": path, "hand-dia": path}
+    samples = dia_vs_handwritten.time_blocks(files, np.ones((1, 4), np.float32), blocks=2,
+                                             rounds=3, warmup=1, threads=1,
+                                             rng=random.Random(0), spinning=spinning)
+    assert set(samples) == set(files)
+    assert all(len(blocks) == 2 and all(len(r) == 3 and min(r) > 0 for r in blocks)
+               for blocks in samples.values())
