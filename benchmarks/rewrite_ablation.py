@@ -31,11 +31,18 @@ sys.path.insert(0, str(HERE))
 
 import cpu_time_ab  # noqa: E402
 
+#: rewrites that act only on what another one made
+REQUIRES = {"fused_residual": ("blocked_scale",)}
+
 
 def variants() -> dict[str, bool | fxattn.OnnxOptimize]:
+    """None, the defaults, every rewrite (opt-in ones too), and each alone (with what it
+    needs)."""
     names = [f.name for f in fields(fxattn.OnnxOptimize)]
-    alone = {f"only-{n}": fxattn.OnnxOptimize(**{m: m == n for m in names}) for n in names}
-    return {"none": False, "all": True, **alone}
+    alone = {f"only-{n}": fxattn.OnnxOptimize(**{m: m == n or m in REQUIRES.get(n, ())
+                                                 for m in names}) for n in names}
+    every = fxattn.OnnxOptimize(**dict.fromkeys(names, True))
+    return {"none": False, "defaults": True, "all": every, **alone}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,10 @@ SECTIONS: list[tuple[str, str, str | None]] = [
     ("Accuracy: ResNet-20 on scikit-learn digits", "accuracy.md", None),
     ("Evidence: DIA and SSIA on tasks with headroom (cluttered digits, MNIST-1D)",
      "evidence.md", None),
+    ("Deployed DIA against a hand-written DIA-ResNet-50 (onnxruntime CPU, no spinning)",
+     "dia_vs_handwritten.md", None),
+    ("The same with onnxruntime's default spinning threads", "dia_vs_handwritten_spinning.md",
+     None),
     ("DIA across backbone families", "families.md", None),
     ("Zoo coverage", "zoo.md", "Summary"),
 ]

@@ -88,6 +88,9 @@ class OnnxOptimize:
         for name, value in asdict(self).items():
             if not isinstance(value, bool):
                 raise ConfigError(f"OnnxOptimize.{name} must be True or False, got {value!r}")
+        if self.fused_residual and not self.blocked_scale:
+            raise ConfigError("OnnxOptimize(fused_residual=True) rewrites the products that "
+                              "blocked_scale makes: set blocked_scale=True too")
 
     def to_dict(self) -> dict[str, bool]:
         return asdict(self)

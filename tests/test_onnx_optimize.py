@@ -209,6 +209,8 @@ def test_options_are_validated() -> None:
         OnnxOptimize(blocked_scale="yes")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="optimize must be"):
         resolve_optimize("all")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="blocked_scale=True too"):
+        OnnxOptimize(fused_residual=True)  # it would rewrite nothing
 
 
 def test_the_fold_leaves_zeros_outside_dia_alone(tmp_path: Path) -> None:
