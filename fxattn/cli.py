@@ -262,7 +262,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = benchmark(
         model, example, dia=dia, ssia=ssia, batch_sizes=batches, threads=args.threads,
         runs=args.runs, warmup=args.warmup, engines=engines, dia_weights=modes,
-        unoptimized=args.unoptimized, out_dir=args.out, progress=sys.stderr.isatty(),
+        unoptimized=args.unoptimized, spinning=args.spinning, out_dir=args.out,
+        progress=sys.stderr.isatty(),
         tolerance=Tolerance(args.atol, args.rtol, not args.no_float64_check),
         title=f"{spec}: original vs lean (dia={bool(dia)}, ssia={bool(ssia)})",
         command="fxattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -333,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unoptimized", action="store_true",
                    help="also time the lean model exported without the exact DIA rewrites "
                         "of fxattn.onnx_optimize (lean-noopt)")
+    p.add_argument("--spinning", action="store_true",
+                   help="time onnxruntime with its default spinning worker threads, one live "
+                        "session at a time in alternating blocks (default: interleaved "
+                        "sessions without spinning)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", parents=[debug], help="the whole pipeline on torchvision ResNet-18")

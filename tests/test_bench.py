@@ -54,6 +54,49 @@ def test_summarize_percentiles_and_interleaving_order() -> None:
     assert len(ticks) == 4 and set(result) == {"a", "b"} and result["a"].runs == 3
 
 
+def test_spinning_times_each_onnx_model_alone_in_alternating_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``spinning=True``: every onnxruntime session spins and is the only live one while it is
+    timed; every model gets all its runs, and the result says how it was measured."""
+    from fxattn import bench, runtime
+
+    live: list[int] = []  # which session ran, in order
+    made: list[tuple[str, bool]] = []
+    real = runtime.ort_session
+
+    class Tracked:
+        def __init__(self, path: str, spinning: bool, **kwargs: object) -> None:
+            self.name, self.session = Path(path).stem, real(path, spinning=spinning, **kwargs)
+            self.index = len(made)
+            made.append((self.name, spinning))
+
+        def get_inputs(self) -> object:
+            return self.session.get_inputs()
+
+        def run(self, *args: object) -> object:
+            live.append(self.index)
+            return self.session.run(*args)
+
+    monkeypatch.setattr(bench, "ort_session",
+                        lambda path, threads=None, spinning=False: Tracked(
+                            path, spinning, threads=threads))
+    result = fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), ssia=False, batch_sizes=(1,),
+                              threads=1, runs=5, warmup=1, engines=("onnxruntime",), cost=False,
+                              spinning=True, progress=False)
+    stats = result.latency["onnxruntime"][1]
+    assert list(stats) == ["original", "lean"] and all(s.runs == 5 for s in stats.values())
+    blocks = result.settings["spinning_blocks"]
+    assert blocks == 4 and result.machine["ort_allow_spinning"] == 1
+    # one spinning session per model and block, the order alternating; each session runs
+    # all its runs (warm-up included) before the next one is made
+    assert made == [(n, True) for pair in (("original", "lean"), ("lean", "original"))
+                    for n in pair] * 2
+    assert live == sorted(live) and sorted(set(live)) == list(range(len(made)))
+    assert len(live) == 2 * (5 + blocks * 1)  # runs + a warm-up per block, per model
+    assert "allow_spinning=1" in result.to_markdown()
+
+
 def test_benchmark_reports_every_model_engine_and_batch(tmp_path: Path) -> None:
     model = _tiny()
     copy_in_training_mode = CifarResNet(depth=11, num_classes=10)
@@ -163,11 +206,12 @@ def test_cli_bench_writes_json_markdown_and_png(tmp_path: Path,
     code = main(["bench", "models:CifarResNet", "--model-kwargs",
                  '{"depth": 11, "num_classes": 10}', "--input-shape", "2,3,32,32",
                  "--no-ssia", "--batch", "1,2", "--threads", "1", "--runs", "2", "--warmup", "1",
-                 "--engines", "onnxruntime", "--dia-weights", "int4", "--out", str(tmp_path)])
+                 "--engines", "onnxruntime", "--dia-weights", "int4", "--spinning",
+                 "--out", str(tmp_path)])
     assert code == 0
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert set(saved["latency"]["onnxruntime"]["2"]) == {"original", "lean", "lean-int4"}
-    assert saved["settings"]["batch_sizes"] == [1, 2]
+    assert saved["settings"]["batch_sizes"] == [1, 2] and saved["settings"]["spinning"]
     assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.png").exists()
     assert "| onnxruntime | 1 | lean-int4 |" in capsys.readouterr().out
 
