@@ -16,6 +16,14 @@ with the benchmark's thread count), that is a lower bound on DIA's added latency
 reports the measured added latency as a multiple of it. The bound assumes every byte comes from
 memory once: small groups' matrices that stay in cache can be read faster, so a multiple below
 1 is possible for models whose DIA matrices fit in the last-level cache.
+
+That bound takes the graph's own extra passes as given. The **traffic limit** does not: DIA
+must read its matrices, and each site's branch output ``A`` must be written once and read once
+more than without DIA (the pool can be a convolution's epilogue, but the multiply needs the
+whole pool first; the multiply, the residual add and the ReLU can then be one pass that the
+original makes anyway). ``2 * |A|`` per site plus the matrices, over the same bandwidth, is
+what no graph of DIA can beat; it is counted from fxattn's own DIA multiplies (``fxattn_dia``
+name scope), so a model without them (a hand-written DIA) has none.
 """
 
 from __future__ import annotations
@@ -54,6 +62,21 @@ class CostAccount:
     extra_ops: dict[str, int] = field(default_factory=dict)
     bandwidth_gb_s: float = 0.0
     added_ms: float | None = None
+    site_bytes: int | None = None  # DIA's branch outputs per run (None: not fxattn's DIA)
+
+    @property
+    def traffic_limit_ms(self) -> float | None:
+        """Matrices plus one extra write and read of every branch output, over the bandwidth."""
+        if self.site_bytes is None or not self.bandwidth_gb_s:
+            return None
+        return 1e3 * (self.dia_matrix_bytes + 2 * self.site_bytes) / (self.bandwidth_gb_s * 1e9)
+
+    @property
+    def multiple_of_limit(self) -> float | None:
+        limit = self.traffic_limit_ms
+        if self.added_ms is None or not limit:
+            return None
+        return self.added_ms / limit
 
     @property
     def lower_bound_ms(self) -> float:
@@ -71,6 +94,8 @@ class CostAccount:
         data["dia_matrix_mb_per_image"] = self.dia_matrix_bytes / self.batch / 1e6
         data["lower_bound_ms"] = self.lower_bound_ms
         data["multiple_of_lower_bound"] = self.multiple
+        data["traffic_limit_ms"] = self.traffic_limit_ms
+        data["multiple_of_traffic_limit"] = self.multiple_of_limit
         return data
 
 
@@ -109,6 +134,31 @@ def matrix_bytes(path: str | os.PathLike[str]) -> int:
     return sum(sizes.get(name, 0) for node in model.graph.node if node.op_type in MATMUL_OPS
                for name in node.input[1:]
                if dims.get(name, 0) >= 2 or node.op_type == "MatMulNBits")  # biases aside
+
+
+def site_bytes(path: str | os.PathLike[str], batch: int) -> int | None:
+    """Bytes of DIA's branch outputs in one run at ``batch``: the outputs of the multiplies in
+    fxattn's DIA name scope that are larger than a ``(B, C)`` vector (the cell's own are not).
+    ``None`` when the graph has no such multiply or one of their non-batch sizes is not
+    static."""
+    import onnx
+
+    from .onnx_optimize import in_dia
+
+    model = onnx.load(str(path), load_external_data=False)
+    shapes = {info.name: [d.dim_value if d.HasField("dim_value") else None
+                          for d in info.type.tensor_type.shape.dim]
+              for info in [*model.graph.value_info, *model.graph.output]}
+    total, found = 0, False
+    for node in model.graph.node:
+        shape = shapes.get(node.output[0]) if node.op_type == "Mul" and in_dia(node) else None
+        if not shape or len(shape) < 3:
+            continue
+        if any(d is None for d in shape[1:]):
+            return None
+        found = True
+        total += batch * int(np.prod(shape[1:])) * 4  # float32
+    return total if found else None
 
 
 def profile_passes(path: str | os.PathLike[str], arrays: list[np.ndarray],
@@ -167,5 +217,5 @@ def cost_accounts(
                 model=name, batch=batch,
                 dia_matrix_bytes=max(matrix_bytes(path) - base_matrices, 0),
                 extra_activation_bytes=max(moved - base_bytes, 0), extra_ops=extra,
-                bandwidth_gb_s=bandwidth)
+                bandwidth_gb_s=bandwidth, site_bytes=site_bytes(path, batch))
     return accounts

@@ -234,6 +234,11 @@ def test_cost_account_counts_dia_matrix_bytes_and_extra_passes() -> None:
     assert noopt.extra_ops["ReduceMean"] == 3 and "GlobalAveragePool" not in noopt.extra_ops
     assert lean.extra_ops["GlobalAveragePool"] == 3 and "ReduceMean" not in lean.extra_ops
     assert lean.bandwidth_gb_s > 0 and lean.lower_bound_ms > 0 and lean.multiple is not None
+    # the traffic limit: each site's branch output (batch 2, 32x32 input) written and read once
+    # more; onnxruntime's graph moves at least that, and a hand-written DIA has no fxattn sites
+    assert lean.site_bytes == 2 * 4 * (64 * 32**2 + 128 * 16**2 + 256 * 8**2)
+    assert lean.extra_activation_bytes >= 2 * lean.site_bytes
+    assert 0 < lean.traffic_limit_ms < lean.lower_bound_ms and lean.multiple_of_limit is not None
     saved = result.to_dict()["cost"]["lean"]["1"]
     assert saved["dia_matrix_mb_per_image"] == pytest.approx(lean.dia_matrix_bytes / 1e6)
     assert "DIA's cost account" in result.to_markdown()
