@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/dia_vs_handwritten.py"
                    + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None
                                                             else sys.argv[1:])),
-        "machine": machine_info(args.threads), "threads": args.threads, "size": args.size,
+        "machine": machine_info(args.threads, args.spinning), "threads": args.threads,
+        "size": args.size,
         "load_before": list(load_before), "load_after": list(load_after),
         "hand_gap": f"{gap:.1e} (max abs)", "spinning": args.spinning, "batches": batches,
     }

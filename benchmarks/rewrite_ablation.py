@@ -25,14 +25,12 @@ import torch
 import torchvision
 
 import fxattn
+from fxattn.onnx_optimize import REQUIRES
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import cpu_time_ab  # noqa: E402
-
-#: rewrites that act only on what another one made
-REQUIRES = {"fused_residual": ("blocked_scale",)}
 
 
 def variants() -> dict[str, bool | fxattn.OnnxOptimize]:

@@ -136,11 +136,11 @@ def matrix_bytes(path: str | os.PathLike[str]) -> int:
                if dims.get(name, 0) >= 2 or node.op_type == "MatMulNBits")  # biases aside
 
 
-def site_bytes(path: str | os.PathLike[str], batch: int) -> int | None:
-    """Bytes of DIA's branch outputs in one run at ``batch``: the outputs of the multiplies in
-    fxattn's DIA name scope that are larger than a ``(B, C)`` vector (the cell's own are not).
-    ``None`` when the graph has no such multiply or one of their non-batch sizes is not
-    static."""
+def site_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes of DIA's branch outputs per image (multiply by the batch for a run): the outputs
+    of the multiplies in fxattn's DIA name scope that are larger than a ``(B, C)`` vector (the
+    cell's own are not). ``None`` when the graph has no such multiply or one of their
+    non-batch sizes is not static."""
     import onnx
 
     from .onnx_optimize import in_dia
@@ -157,7 +157,7 @@ def site_bytes(path: str | os.PathLike[str], batch: int) -> int | None:
         if any(d is None for d in shape[1:]):
             return None
         found = True
-        total += batch * int(np.prod(shape[1:])) * 4  # float32
+        total += int(np.prod(shape[1:])) * 4  # float32
     return total if found else None
 
 
@@ -203,19 +203,22 @@ def cost_accounts(
 ) -> dict[str, dict[int, CostAccount]]:
     """The account of every model in ``paths`` but ``baseline``, at each batch of ``feeds``."""
     bandwidth = bandwidth_gb_s or memory_bandwidth(threads)
+    # what a file holds does not depend on the batch: read each once
+    matrices = {name: matrix_bytes(path) for name, path in paths.items()}
+    per_image = {name: site_bytes(path) for name, path in paths.items() if name != baseline}
     accounts: dict[str, dict[int, CostAccount]] = {}
     for batch, feed in feeds.items():
         base_bytes, base_ops = profile_passes(paths[baseline], feed, threads)
-        base_matrices = matrix_bytes(paths[baseline])
         for name, path in paths.items():
             if name == baseline:
                 continue
             moved, ops = profile_passes(path, feed, threads)
             extra = {op: ops[op] - base_ops.get(op, 0) for op in sorted(ops)
                      if ops[op] != base_ops.get(op, 0)}
+            sites = per_image[name]
             accounts.setdefault(name, {})[batch] = CostAccount(
                 model=name, batch=batch,
-                dia_matrix_bytes=max(matrix_bytes(path) - base_matrices, 0),
+                dia_matrix_bytes=max(matrices[name] - matrices[baseline], 0),
                 extra_activation_bytes=max(moved - base_bytes, 0), extra_ops=extra,
-                bandwidth_gb_s=bandwidth, site_bytes=site_bytes(path, batch))
+                bandwidth_gb_s=bandwidth, site_bytes=None if sites is None else batch * sites)
     return accounts

@@ -66,6 +66,8 @@ from .errors import ConfigError
 DIA_SCOPE = "fxattn_dia."
 #: channel block of onnxruntime's blocked layout: 8 (AVX2) or 16 (AVX-512); 16 is safe for both
 NCHWC_BLOCK = 16
+#: rewrites that act only on what another one made: switching one on needs the others on
+REQUIRES: dict[str, tuple[str, ...]] = {"fused_residual": ("blocked_scale",)}
 
 
 @dataclass(frozen=True)
@@ -88,9 +90,11 @@ class OnnxOptimize:
         for name, value in asdict(self).items():
             if not isinstance(value, bool):
                 raise ConfigError(f"OnnxOptimize.{name} must be True or False, got {value!r}")
-        if self.fused_residual and not self.blocked_scale:
-            raise ConfigError("OnnxOptimize(fused_residual=True) rewrites the products that "
-                              "blocked_scale makes: set blocked_scale=True too")
+        for name, needed in REQUIRES.items():
+            for other in needed:
+                if getattr(self, name) and not getattr(self, other):
+                    raise ConfigError(f"OnnxOptimize({name}=True) rewrites what {other} makes: "
+                                      f"set {other}=True too")
 
     def to_dict(self) -> dict[str, bool]:
         return asdict(self)

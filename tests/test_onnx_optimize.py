@@ -22,13 +22,17 @@ from models import CifarResNet
 import fxattn
 from fxattn.errors import ConfigError
 from fxattn.onnx_export import export_onnx, ort_session
-from fxattn.onnx_optimize import OnnxOptimize, in_dia, optimize_onnx_file, resolve_optimize
+from fxattn.onnx_optimize import (
+    REQUIRES,
+    OnnxOptimize,
+    in_dia,
+    optimize_onnx_file,
+    resolve_optimize,
+)
 
 SITES = 6  # two blocks in each of three stages
 GROUPS = 3
 IDENTITY_SHORTCUTS = SITES - GROUPS  # each stage's first block has a downsample convolution
-#: rewrites that act only on what another one made
-REQUIRES = {"fused_residual": ("blocked_scale",)}
 ONLY = {name: OnnxOptimize(**{k: k == name or k in REQUIRES.get(name, ())
                               for k in OnnxOptimize().to_dict()})
         for name in OnnxOptimize().to_dict()}
