@@ -32,6 +32,7 @@ from .errors import (
 from .graph_module import AttentionGraphModule
 from .onnx_export import ExportReport, export_onnx
 from .onnx_optimize import OnnxOptimize
+from .ort_cpu import OrtCpuReport, compile_ort_cpu
 from .scope import ScopePlan
 from .serialization import Checkpoint, load, load_checkpoint, save
 from .ssia_logging import log_ssia
@@ -41,6 +42,8 @@ from .transform import inspect, set_ssia_scale, ssia_loss, strip_ssia, transform
 __version__ = "0.1.0"
 
 __all__ = [
+    "compile_ort_cpu",
+    "OrtCpuReport",
     "log_ssia",
     "DIA",
     "SSIA",

@@ -488,6 +488,7 @@ def benchmark(
     command: str = "",
     tolerance: Tolerance | None = None,
     spinning: bool = False,
+    compiled: bool = False,
 ) -> BenchmarkResult:
     """Benchmark ``model`` (``original``) against its lean fxattn version (``lean``).
 
@@ -505,6 +506,9 @@ def benchmark(
     ``tolerance`` is the export verification rule (:class:`fxattn.verify.Tolerance`).
     ``spinning`` times onnxruntime with its default spinning worker threads, one live session
     at a time (see the module docstring); the default interleaves non-spinning sessions.
+    ``compiled`` adds, for ``lean`` and each low-precision variant, the model compiled for
+    onnxruntime's CPU provider at each batch size (``<name>-ort-cpu``,
+    :func:`fxattn.compile_ort_cpu`: DIA's multiply fused into the blocked convolutions).
     """
     from .tracing import ExampleInputs, count_parameters
     from .transform import strip_ssia, transform
@@ -561,16 +565,21 @@ def benchmark(
                         unverified[name] = first_line(exc)
                         continue
                     onnx_files[name] = folder / f"{name}.onnx"
+            batch_files: dict[int, dict[str, Path]] = {}
+            sources: dict[str, Path] = {}
+            if compiled and "onnxruntime" in engines:
+                batch_files, sources = _compile_variants(onnx_files, models, folder, batch_sizes)
             latency = _measure(modules, onnx_files, inputs, engines, batch_sizes, runs, warmup,
-                               threads, spinning, progress)
-            accounts = _cost(onnx_files, inputs, batch_sizes, threads, latency) if (
-                cost and onnx_files) else {}
+                               threads, spinning, progress, batch_files)
+            accounts = _cost(onnx_files, inputs, batch_sizes, threads, latency, batch_files,
+                             sources) if (cost and onnx_files) else {}
     settings = {"batch_sizes": list(batch_sizes), "threads": threads, "runs": runs,
                 "warmup": warmup, "engines": list(engines), "dia_weights": list(dia_weights),
                 "input_shape": [list(t.shape) for t in inputs.tensors()],
                 "dia": repr(dia), "ssia": repr(ssia)}
     settings["unoptimized"] = unoptimized
     settings["spinning"] = spinning
+    settings["compiled"] = compiled
     if spinning:
         settings["spinning_blocks"] = _spinning_blocks(runs)
     if unverified:
@@ -582,14 +591,52 @@ def benchmark(
     return result
 
 
+def _compile_variants(onnx_files: dict[str, Path], models: dict[str, ModelEntry],
+                      folder: Path, batch_sizes: Sequence[int],
+                      ) -> tuple[dict[int, dict[str, Path]], dict[str, Path]]:
+    """``lean`` and its low-precision variants compiled for onnxruntime's CPU at each batch:
+    batch -> name -> file, and each compiled name's portable source."""
+    from .ort_cpu import compile_ort_cpu
+
+    batch_files: dict[int, dict[str, Path]] = {}
+    sources: dict[str, Path] = {}
+    for source in [n for n in onnx_files if n == "lean" or (
+            n.startswith("lean-") and n != "lean-noopt")]:
+        name = f"{source}-ort-cpu"
+        sources[name] = onnx_files[source]
+        seconds, fused = [], set()
+        for batch in batch_sizes:
+            path = folder / f"{name}.b{int(batch)}.onnx"
+            report = compile_ort_cpu(onnx_files[source], path, int(batch))
+            batch_files.setdefault(int(batch), {})[name] = path
+            seconds.append(report.seconds)
+            fused.add(f"{report.fused} of {report.dia_multiplies}")
+        models[name] = ModelEntry(
+            name, models[source].parameters, onnx_nodes=report.nodes["compiled"],
+            onnx_mb=models[source].onnx_mb, export_seconds=max(seconds),
+            max_abs_error=report.max_abs_error,
+            note=f"{source} compiled for onnxruntime's CPU at each batch "
+                 f"(fxattn.compile_ort_cpu): DIA multiplies fused {', '.join(sorted(fused))}")
+    return batch_files, sources
+
+
 def _cost(onnx_files: dict[str, Path], inputs: Any, batch_sizes: Sequence[int],
-          threads: int, latency: dict) -> dict[str, dict[int, Any]]:
-    """DIA's cost account of every ONNX model but ``original``, with its measured added time."""
-    from .cost import cost_accounts
+          threads: int, latency: dict, batch_files: dict[int, dict[str, Path]] | None = None,
+          sources: dict[str, Path] | None = None) -> dict[str, dict[int, Any]]:
+    """DIA's cost account of every ONNX model but ``original``, with its measured added time;
+    a compiled model's at its own batch, its branch-output bytes read from its source."""
+    from .cost import cost_accounts, memory_bandwidth
 
     feeds = {int(b): [t.detach().cpu().numpy() for t in inputs.with_batch(
         int(b), torch.Generator().manual_seed(int(b))).tensors()] for b in batch_sizes}
-    accounts = cost_accounts(onnx_files, feeds, threads)
+    bandwidth = memory_bandwidth(threads)
+    accounts = cost_accounts(onnx_files, feeds, threads, bandwidth_gb_s=bandwidth)
+    for batch, files in (batch_files or {}).items():
+        by_name = cost_accounts({"original": onnx_files["original"], **files},
+                                {batch: feeds[batch]}, threads, bandwidth_gb_s=bandwidth,
+                                site_sources=sources)
+        for name, by_batch in by_name.items():
+            accounts.setdefault(name, {}).update(by_batch)
     for name, by_batch in accounts.items():
         for batch, account in by_batch.items():
             stats = latency["onnxruntime"][batch]
@@ -618,11 +665,14 @@ def _measure(
     threads: int,
     spinning: bool,
     progress: bool,
+    batch_files: dict[int, dict[str, Path]] | None = None,
 ) -> dict[str, dict[int, dict[str, LatencyStats]]]:
     # non-spinning sessions live for the whole measurement; spinning ones one at a time
     sessions = {} if spinning else {name: ort_session(str(path), threads=threads)
                                     for name, path in onnx_files.items()}
-    ort_rounds = len(onnx_files) * (runs + warmup * _spinning_blocks(runs)) if spinning else (
+    batch_files = batch_files or {}
+    files_per_batch = len(onnx_files) + max((len(f) for f in batch_files.values()), default=0)
+    ort_rounds = files_per_batch * (runs + warmup * _spinning_blocks(runs)) if spinning else (
         runs + warmup)
     total = len(batch_sizes) * (("torch" in engines) * (runs + warmup)
                                 + ("onnxruntime" in engines) * ort_rounds)
@@ -633,15 +683,19 @@ def _measure(
             if "torch" in engines:
                 calls = {name: _torch_call(m, batch_inputs) for name, m in modules.items()}
                 latency["torch"][int(batch)] = interleaved(calls, runs, warmup, advance)
+            compiled = batch_files.get(int(batch), {})
             if "onnxruntime" in engines and spinning:
                 latency["onnxruntime"][int(batch)] = _alone_in_blocks(
-                    onnx_files, batch_inputs, runs, warmup, threads, advance)
+                    {**onnx_files, **compiled}, batch_inputs, runs, warmup, threads, advance)
             elif "onnxruntime" in engines:
                 calls = {}
-                for name, session in sessions.items():
+                batch_sessions = {**sessions, **{name: ort_session(str(path), threads=threads)
+                                                 for name, path in compiled.items()}}
+                for name, session in batch_sessions.items():
                     feed = ort_feed(session, batch_inputs)
                     calls[name] = lambda s=session, f=feed: s.run(None, f)
                 latency["onnxruntime"][int(batch)] = interleaved(calls, runs, warmup, advance)
+                del calls, batch_sessions  # a compiled model runs at its own batch only
             gc.collect()
     return latency
 

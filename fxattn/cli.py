@@ -237,6 +237,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    """``fxattn compile``: a lean ONNX file compiled for onnxruntime's CPU provider."""
+    from .ort_cpu import compile_ort_cpu
+
+    report = compile_ort_cpu(args.model, args.output, args.batch, verify=not args.no_verify,
+                             overwrite=args.force)
+    print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -262,7 +274,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = benchmark(
         model, example, dia=dia, ssia=ssia, batch_sizes=batches, threads=args.threads,
         runs=args.runs, warmup=args.warmup, engines=engines, dia_weights=modes,
-        unoptimized=args.unoptimized, spinning=args.spinning, out_dir=args.out,
+        unoptimized=args.unoptimized, spinning=args.spinning, compiled=args.compiled,
+        out_dir=args.out,
         progress=sys.stderr.isatty(),
         tolerance=Tolerance(args.atol, args.rtol, not args.no_float64_check),
         title=f"{spec}: original vs lean (dia={bool(dia)}, ssia={bool(ssia)})",
@@ -317,6 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing output file (default: yes, atomically)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("compile", parents=[debug],
+                       help="compile a lean ONNX file for onnxruntime's CPU provider (DIA's "
+                            "multiply fused into its blocked convolutions; fixed batch)")
+    p.add_argument("model", help="the lean .onnx file (from `fxattn export`)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output .onnx file (runs only in onnxruntime's CPU provider on this "
+                        "kind of CPU)")
+    p.add_argument("--batch", type=_positive_int, required=True,
+                   help="the batch size the compiled model runs at")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check against the portable model in onnxruntime")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.add_argument("--force", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace an existing output file (default: yes, atomically)")
+    p.set_defaults(func=cmd_compile)
+
     p = sub.add_parser("bench", parents=[debug], help="latency of the original vs the lean model")
     _add_model_args(p)
     _add_method_args(p)
@@ -338,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time onnxruntime with its default spinning worker threads, one live "
                         "session at a time in alternating blocks (default: interleaved "
                         "sessions without spinning)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time the lean models compiled for onnxruntime's CPU provider at "
+                        "each batch size (<name>-ort-cpu; see `fxattn compile`)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", parents=[debug], help="the whole pipeline on torchvision ResNet-18")

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from .ort_cpu import NODE_PREFIX
+
 #: onnxruntime ops that make a pass over an activation without computing a convolution or matmul
 PASS_OPS = frozenset({
     "ReorderInput", "ReorderOutput", "Add", "Sum", "Mul", "Div", "Sub", "Relu", "Sigmoid",
@@ -185,7 +187,7 @@ def profile_passes(path: str | os.PathLike[str], arrays: list[np.ndarray],
         args = event.get("args", {})
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
             continue
-        if args.get("op_name") not in PASS_OPS:
+        if args.get("op_name") not in PASS_OPS and not event["name"].startswith(NODE_PREFIX):
             continue
         ops[args["op_name"]] += 1
         for entry in args.get("input_type_shape", []) + args.get("output_type_shape", []):
@@ -200,12 +202,20 @@ def cost_accounts(
     threads: int,
     baseline: str = "original",
     bandwidth_gb_s: float | None = None,
+    site_sources: dict[str, Path] | None = None,
 ) -> dict[str, dict[int, CostAccount]]:
-    """The account of every model in ``paths`` but ``baseline``, at each batch of ``feeds``."""
+    """The account of every model in ``paths`` but ``baseline``, at each batch of ``feeds``.
+
+    ``site_sources`` names, for some models, the file to read their branch-output bytes from:
+    a model compiled by :func:`fxattn.compile_ort_cpu` no longer carries DIA's name scopes and
+    shapes, its portable source does.
+    """
     bandwidth = bandwidth_gb_s or memory_bandwidth(threads)
     # what a file holds does not depend on the batch: read each once
     matrices = {name: matrix_bytes(path) for name, path in paths.items()}
-    per_image = {name: site_bytes(path) for name, path in paths.items() if name != baseline}
+    sources = site_sources or {}
+    per_image = {name: site_bytes(sources.get(name, path)) for name, path in paths.items()
+                 if name != baseline}
     accounts: dict[str, dict[int, CostAccount]] = {}
     for batch, feed in feeds.items():
         base_bytes, base_ops = profile_passes(paths[baseline], feed, threads)

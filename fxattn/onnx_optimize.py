@@ -155,7 +155,7 @@ def in_dia(node: Any) -> bool:
     return DIA_SCOPE in node.name
 
 
-def _shapes(model: Any) -> dict[str, list[int | str]]:
+def tensor_shapes(model: Any) -> dict[str, list[int | str]]:
     """Shapes of every tensor: the exporter's ``value_info`` (shape inference when missing)."""
     import onnx
 
@@ -402,7 +402,7 @@ def optimize_model(model: Any, options: OnnxOptimize | None = None) -> OptimizeR
     report = OptimizeReport({name: 0 for name in options.to_dict()})
     if not has_dia(model):
         return report
-    shapes, consts = _shapes(model), _constants(model)
+    shapes, consts = tensor_shapes(model), _constants(model)
     if options.blocked_pool:
         report.counts["blocked_pool"] = blocked_pool(model, shapes, consts)
     if options.pool_before_conv:

@@ -61,6 +61,16 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def cifar_dia_lean() -> nn.Module:
+    """The lean DIA model (no SSIA) of a seeded CifarResNet-20: 6 sites, groups of 64, 128 and
+    256 channels, 32x32 input."""
+    import fxattn
+
+    torch.manual_seed(0)
+    model = CifarResNet(depth=20, num_classes=10).eval()
+    return fxattn.strip_ssia(fxattn.transform(model, torch.randn(2, 3, 32, 32), ssia=False))
+
+
 class DataDependent(nn.Module):
     """Branches on a tensor value inside a submodule: symbolic tracing cannot follow it."""
 

@@ -244,6 +244,39 @@ def test_cost_account_counts_dia_matrix_bytes_and_extra_passes() -> None:
     assert "DIA's cost account" in result.to_markdown()
 
 
+def test_compiled_variants_are_timed_at_their_own_batch(tmp_path: Path) -> None:
+    """``compiled=True``: ``lean`` and each low-precision variant compiled for onnxruntime's CPU
+    at every batch size, timed beside the portable files (both timing protocols), with a cost
+    account whose branch-output bytes come from the portable source and whose passes include
+    the fused depthwise convolutions."""
+    from fxattn.ort_cpu import nchwc_block_size
+
+    torch.manual_seed(0)
+    model = CifarResNet(depth=11, num_classes=10).eval()
+    for spinning in (False, True):
+        result = fxattn.benchmark(model, torch.randn(2, 3, 32, 32), ssia=False,
+                                  batch_sizes=(1, 2), threads=1, runs=2, warmup=1,
+                                  engines=("onnxruntime",), dia_weights=("int8",), compiled=True,
+                                  spinning=spinning, out_dir=tmp_path / str(spinning),
+                                  progress=False)
+        names = ["original", "lean", "lean-int8", "lean-ort-cpu", "lean-int8-ort-cpu"]
+        for batch in (1, 2):
+            assert list(result.latency["onnxruntime"][batch]) == names
+            written = sorted(p.name for p in (tmp_path / str(spinning)).glob(f"*.b{batch}.onnx"))
+            assert written == [f"lean-int8-ort-cpu.b{batch}.onnx", f"lean-ort-cpu.b{batch}.onnx"]
+        entry = result.models["lean-ort-cpu"]
+        fused = 3 if nchwc_block_size() else 0
+        assert entry.parameters == result.models["lean"].parameters
+        assert f"DIA multiplies fused {fused} of 3" in entry.note
+        assert result.settings["compiled"] is True
+        compiled, portable = result.cost["lean-ort-cpu"][2], result.cost["lean"][2]
+        assert compiled.site_bytes == portable.site_bytes
+        assert compiled.dia_matrix_bytes == portable.dia_matrix_bytes
+        if fused:  # the fused multiply reads the branch output and the shortcut, writes once
+            assert compiled.extra_ops.get("Conv", 0) == 3
+            assert compiled.extra_activation_bytes >= compiled.site_bytes
+
+
 def test_a_low_precision_variant_that_fails_its_tolerance_is_reported_not_timed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

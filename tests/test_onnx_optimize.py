@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from models import CifarResNet
+from models import CifarResNet, cifar_dia_lean
 
 import fxattn
 from fxattn.errors import ConfigError
@@ -43,9 +43,7 @@ ATOL, RTOL = 1e-5, 1e-4
 
 @pytest.fixture(scope="module")
 def lean() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = CifarResNet(depth=20, num_classes=10).eval()
-    return fxattn.strip_ssia(fxattn.transform(model, torch.randn(2, 3, 32, 32), ssia=False))
+    return cifar_dia_lean()
 
 
 @pytest.fixture(scope="module")

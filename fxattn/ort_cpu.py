@@ -1,0 +1,474 @@
+"""Compile a lean ONNX model for onnxruntime's CPU provider, with DIA's multiply fused.
+
+A portable ONNX graph cannot say what onnxruntime's CPU provider needs to run DIA fast. Its
+optimiser runs a ResNet's convolutions in a blocked channel layout (``com.microsoft.nchwc``,
+channel blocks of 16 on AVX-512, 8 on AVX2) with the residual ``Add`` and the ``ReLU`` fused into
+the convolution. DIA's channel multiply ``A * h[:, :, None, None]`` is a broadcast ``Mul`` that the
+blocked layout does not handle, so in onnxruntime's own graph every DIA block leaves the layout
+(``ReorderOutput``), runs the multiply, the residual add and the ReLU as three separate passes,
+and comes back (``ReorderInput``): five passes over the block's activation where the plain
+network needs none.
+
+:func:`compile_ort_cpu` lets onnxruntime optimise the model first (``ORT_ENABLE_ALL``, the graph
+it would build itself when the session starts), then rewrites what it produced: each DIA
+multiply, with the residual add and ReLU after it, becomes **one** blocked depthwise 1x1
+convolution whose weight is ``h`` itself::
+
+    Relu(A * h + s)  ->  nchwc.Conv(A', W=h', Sum=s', group=B*C, activation=Relu)
+
+where ``A'`` and ``s'`` are the blocked tensors viewed as one image of ``B*C`` channels (a free
+reshape: the blocked layout of ``B`` images is the blocked layout of one image with ``B`` times
+the channel blocks) and ``h'`` is ``h`` reshaped to ``(B*C, 1, 1, 1)``, which is exactly the
+blocked depthwise filter layout. onnxruntime's blocked convolution reads its weight at run time,
+so a weight computed by the graph is fine; what it cannot do is let that weight differ per
+image - hence one channel group per image and channel, and a **fixed batch size** (``group`` is
+an attribute). The arithmetic is the same multiply and add per element (onnxruntime's own model
+and the compiled one agree to 0.0 on ResNet-50).
+
+The result is onnxruntime-specific: it holds ``com.microsoft.nchwc`` operators, whose weights were
+laid out for this CPU's block size, so it runs only in onnxruntime's CPU provider on a CPU of the
+same kind (onnxruntime says the same of any model it saved with layout optimisations). Keep the
+portable file for everything else. The compiled file records the batch size, block size and
+onnxruntime version in its metadata (``fxattn.ort_cpu``).
+
+Only DIA's multiplies are rewritten: they are found by name scope in the portable model (the same
+rule as :mod:`fxattn.onnx_optimize`) and by name in onnxruntime's graph, which keeps the names of
+the nodes it does not fuse. A model without DIA comes out as onnxruntime's own optimised graph.
+
+>>> report = fxattn.compile_ort_cpu("lean.onnx", "lean.b1.ort-cpu.onnx", batch_size=1)
+>>> print(report)   # DIA multiplies fused into blocked convolutions: 16 of 16 ...
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import DEFAULT_ATOL, DEFAULT_RTOL
+from .errors import ConfigError, ExportError, VerificationError, first_line
+from .onnx_export import atomic_path, check_output_path
+from .onnx_files import save_with_external_data
+from .onnx_optimize import in_dia, tensor_shapes
+from .runtime import ort_session
+
+NCHWC = "com.microsoft.nchwc"
+METADATA_KEY = "fxattn.ort_cpu"
+#: the names of the nodes the rewrite adds (the cost account counts them as activation passes)
+NODE_PREFIX = "fxattn_ort_cpu."
+
+
+@dataclass
+class OrtCpuReport:
+    """What :func:`compile_ort_cpu` did, and how the compiled model compares with the portable."""
+
+    path: str
+    batch_size: int
+    block_size: int  # onnxruntime's channel block on this CPU (0: no blocked layout here)
+    dia_multiplies: int  # DIA multiplies in the portable model
+    fused: int  # of them, fused into a blocked depthwise convolution
+    skipped: dict[str, str] = field(default_factory=dict)  # multiply -> why it was left alone
+    nodes: dict[str, int] = field(default_factory=dict)  # onnxruntime's graph, then compiled
+    max_abs_error: float | None = None  # compiled vs portable model in onnxruntime
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"compiled {self.path} for onnxruntime's CPU provider, batch {self.batch_size}"
+                 f" (channel block {self.block_size or 'none'})",
+                 f"DIA multiplies fused into blocked convolutions: {self.fused} of "
+                 f"{self.dia_multiplies}"]
+        lines += [f"  left as onnxruntime made it: {name} ({why})"
+                  for name, why in self.skipped.items()]
+        if self.nodes:
+            lines.append(f"nodes: {self.nodes['onnxruntime']} in onnxruntime's graph, "
+                         f"{self.nodes['compiled']} compiled")
+        if self.max_abs_error is not None:
+            lines.append(f"verified against the portable model in onnxruntime: max abs error "
+                         f"{self.max_abs_error:.1e}")
+        lines.append(f"took {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- onnxruntime's graph
+
+
+def _ort_optimize(source: Path, target: Path) -> None:
+    """Save onnxruntime's fully optimised graph of ``source`` at ``target`` (+ ``.data``)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3  # its warning that the file is hardware-specific is our point
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", target.name + ".data")
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+
+
+@functools.lru_cache(maxsize=1)
+def nchwc_block_size() -> int:
+    """onnxruntime's channel block on this CPU (16 with AVX-512, 8 with AVX2; 0: not blocked).
+
+    onnxruntime pads a blocked convolution's output channels to the block, so a convolution with
+    4 output channels shows the block as the first dimension of its reordered weight.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "probe.onnx", Path(folder) / "probe.opt.onnx"
+        onnx.save(model, str(source))
+        _ort_optimize(source, target)
+        optimized = onnx.load(str(target))
+    weights = {init.name: list(init.dims) for init in optimized.graph.initializer}
+    for node in optimized.graph.node:
+        if node.domain == NCHWC and node.op_type == "Conv":
+            return int(weights[node.input[1]][0])
+    return 0
+
+
+def _fix_batch(model: Any, batch_size: int) -> None:
+    """Give every graph input and output, and every shape that shares their batch dimension,
+    the batch size ``batch_size``."""
+    symbols: set[str] = set()
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if not dims:
+            continue
+        first = dims[0]
+        if first.HasField("dim_value") and first.dim_value not in (0, batch_size):
+            raise ConfigError(f"{value.name} has a fixed batch of {first.dim_value}, not "
+                              f"{batch_size}; compile with batch_size={first.dim_value} or "
+                              "export with a dynamic batch")
+        if first.HasField("dim_param"):
+            symbols.add(first.dim_param)
+    for value in list(model.graph.input) + list(model.graph.output) + list(
+            model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in symbols:
+                dim.Clear()
+                dim.dim_value = batch_size
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_param") and dims[0].dim_value == 0:
+            dims[0].dim_value = batch_size
+
+
+def _dia_multiplies(model: Any) -> set[str]:
+    """Names of DIA's channel multiplies in the portable model: a ``Mul`` in DIA's name scope
+    (``fxattn_dia.*``) of a ``(B, C, H, W)`` activation by a ``(B, C, 1, 1)`` scale."""
+    shapes = tensor_shapes(model)
+
+    def channel_multiply(node: Any) -> bool:
+        dims = sorted((shapes.get(name, []) for name in node.input), key=lambda d: d[2:] == [1, 1])
+        if len(dims) != 2 or len(dims[0]) != 4 or len(dims[1]) != 4:
+            return False
+        activation, scale = dims
+        return scale[2:] == [1, 1] and activation[2:] != [1, 1] and scale[1] == activation[1]
+
+    return {node.name for node in model.graph.node
+            if node.op_type == "Mul" and not node.domain and node.name and in_dia(node)
+            and channel_multiply(node)}
+
+
+# --------------------------------------------------------------------------- the rewrite
+
+
+class _Graph:
+    """Producers and users of every tensor of onnxruntime's optimised graph."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.users: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.users.setdefault(name, []).append(node)
+        self.outputs = {value.name for value in graph.output}
+
+    def only_user(self, tensor: str, op_type: str) -> Any | None:
+        users = self.users.get(tensor, [])
+        if len(users) == 1 and users[0].op_type == op_type and not users[0].domain \
+                and tensor not in self.outputs:
+            return users[0]
+        return None
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    from onnx import helper
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _reorder_output_channels(node: Any) -> int | None:
+    """Channels of a ``ReorderOutput`` to NCHW (``None`` for any other node)."""
+    if node is None or node.domain != NCHWC or node.op_type != "ReorderOutput" \
+            or _attr(node, "channels_last", 0):
+        return None
+    return int(_attr(node, "channels", 0)) or None
+
+
+def fuse_dia_multiplies(model: Any, names: set[str], batch_size: int,
+                        block_size: int) -> tuple[int, dict[str, str]]:
+    """Rewrite each DIA multiply of onnxruntime's graph ``model`` (in place) as a blocked
+    depthwise convolution, with the residual add and ReLU after it when there are.
+
+    Returns how many were fused and, for the others, why not.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = _Graph(model.graph)
+    blocked: dict[str, str] = {}  # NCHW tensor -> the same tensor in the blocked layout
+    for node in model.graph.node:
+        if _reorder_output_channels(node) is not None:
+            blocked[node.output[0]] = node.input[0]
+    replaced: dict[int, list[Any]] = {}  # id(node kept in place) -> the nodes standing for it
+    removed: set[int] = set()
+    renamed: dict[str, str] = {}  # a removed ReorderInput's output -> the blocked tensor
+    constants: list[Any] = []
+    skipped: dict[str, str] = {}
+    fused = 0
+
+    def constant(name: str, values: list[int]) -> str:
+        constants.append(numpy_helper.from_array(np.array(values, np.int64), name))
+        return name
+
+    present = {node.name for node in model.graph.node}
+    for name in sorted(names - present):
+        skipped[name] = "onnxruntime fused it into another node"
+    flat = constant(f"{NODE_PREFIX}flat_batch", [1, -1, 0, 0])
+    filter_shape = constant(f"{NODE_PREFIX}filter", [-1, 1, 1, 1])
+    for node in list(model.graph.node):
+        if node.name not in names or node.op_type != "Mul" or node.domain:
+            continue
+        sources = [graph.producer.get(name) for name in node.input]
+        channels = [_reorder_output_channels(source) for source in sources]
+        if not any(channels):
+            skipped[node.name] = "its activation is not in the blocked layout"
+            continue
+        k = 0 if channels[0] else 1
+        activation, scale, count = node.input[k], node.input[1 - k], channels[k]
+        assert count is not None
+        if block_size == 0 or count % block_size:
+            skipped[node.name] = f"{count} channels are not a multiple of the block {block_size}"
+            continue
+        add = graph.only_user(node.output[0], "Add")
+        shortcut = None
+        if add is not None:
+            shortcut = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+            if shortcut == node.output[0]:
+                add, shortcut = None, None
+        last = add if add is not None else node
+        relu = graph.only_user(last.output[0], "Relu") if add is not None else None
+        last = relu if relu is not None else last
+        result = last.output[0]
+        prefix = f"{NODE_PREFIX}{fused}"
+        new: list[Any] = []
+
+        def flattened(tensor: str, name: str, step: str, new: list[Any] = new,
+                      prefix: str = prefix) -> str:
+            """``tensor`` viewed as one image of ``B*C`` channels (itself at batch 1)."""
+            if batch_size == 1:
+                return tensor
+            new.append(helper.make_node("Reshape", [tensor, flat], [name],
+                                        name=f"{prefix}/{step}"))
+            return name
+
+        conv_inputs = ["", f"{prefix}.w", ""]
+        if shortcut is not None:
+            if shortcut in blocked:
+                shortcut_blocked = blocked[shortcut]
+            else:
+                shortcut_blocked = f"{prefix}.shortcut_blocked"
+                new.append(helper.make_node("ReorderInput", [shortcut], [shortcut_blocked],
+                                            name=f"{prefix}/ReorderInput", domain=NCHWC,
+                                            channels_last=0))
+            conv_inputs.append(flattened(shortcut_blocked, f"{prefix}.sum", "ReshapeSum"))
+        out_blocked = f"{result}.blocked"
+        conv_inputs[0] = flattened(graph.producer[activation].input[0], f"{prefix}.x", "ReshapeX")
+        conv_out = out_blocked if batch_size == 1 else f"{prefix}.y"
+        new += [
+            helper.make_node("Reshape", [scale, filter_shape], [f"{prefix}.w"],
+                             name=f"{prefix}/ReshapeW"),
+            helper.make_node("Conv", conv_inputs, [conv_out], name=f"{prefix}/Conv",
+                             domain=NCHWC, group=batch_size * count, kernel_shape=[1, 1],
+                             strides=[1, 1], dilations=[1, 1], pads=[0, 0, 0, 0],
+                             **({"activation": "Relu"} if relu is not None else {})),
+        ]
+        if batch_size > 1:
+            unflat = constant(f"{prefix}.unflat", [-1, count, 0, 0])
+            new.append(helper.make_node("Reshape", [conv_out, unflat], [out_blocked],
+                                        name=f"{prefix}/ReshapeY"))
+        new += [
+            # for NCHW users, if any (removed below when there are none)
+            helper.make_node("ReorderOutput", [out_blocked], [result],
+                             name=f"{prefix}/ReorderOutput", domain=NCHWC, channels=count,
+                             channels_last=0),
+        ]
+        blocked[result] = out_blocked
+        for user in graph.users.get(result, []):
+            if user.op_type == "ReorderInput" and user.domain == NCHWC \
+                    and not _attr(user, "channels_last", 0):
+                renamed[user.output[0]] = out_blocked
+                removed.add(id(user))
+        for old in (node, add, relu):
+            if old is not None:
+                removed.add(id(old))
+        replaced[id(last)] = new
+        fused += 1
+
+    nodes: list[Any] = []
+    for node in model.graph.node:
+        nodes.extend(replaced.get(id(node), []))
+        if id(node) not in removed:
+            nodes.append(node)
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    nodes = _without_dead_nodes(nodes, graph.outputs)
+    used = {name for node in nodes for name in node.input}
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(c for c in constants if c.name in used)
+    del model.graph.value_info[:]  # onnxruntime's were for its own graph; shapes are static now
+    return fused, skipped
+
+
+def _without_dead_nodes(nodes: list[Any], outputs: set[str]) -> list[Any]:
+    """``nodes`` less those whose outputs nothing reads (an inference graph has no effects)."""
+    while True:
+        used = {name for node in nodes for name in node.input} | outputs
+        live = [node for node in nodes if any(out in used for out in node.output)]
+        if len(live) == len(nodes):
+            return live
+        nodes = live
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def compile_ort_cpu(onnx_path: str | Path, output_path: str | Path, batch_size: int, *,
+                    verify: bool = True, overwrite: bool = True, seed: int = 0) -> OrtCpuReport:
+    """Compile the lean ONNX model at ``onnx_path`` for onnxruntime's CPU provider.
+
+    The model's batch dimension becomes ``batch_size``; onnxruntime optimises it as it would at
+    session start; each DIA multiply (with the residual add and ReLU after it) becomes one
+    blocked depthwise convolution (see the module docstring). With ``verify`` (the default) the
+    compiled model is run against the portable one in onnxruntime on a random batch and must
+    agree within fxattn's default tolerance (``|a - b| <= 1e-6 + 1e-5 |b|``), else
+    :class:`~fxattn.VerificationError` and nothing is written. The file is written atomically
+    (with ``<name>.data`` beside it for the weights).
+
+    >>> fxattn.export_onnx(lean, "lean.onnx", example)
+    >>> fxattn.compile_ort_cpu("lean.onnx", "lean.b8.ort-cpu.onnx", batch_size=8)
+    """
+    import onnx
+
+    start = time.perf_counter()
+    source = Path(onnx_path)
+    if not source.is_file():
+        raise ExportError(f"{source} is not a file; export the model first "
+                          "(fxattn.export_onnx or `fxattn export`)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    target = check_output_path(output_path, overwrite)
+    if target.resolve() == source.resolve():
+        raise ExportError(f"the output {target} would overwrite the portable model; "
+                          "choose another name, e.g. model.b1.ort-cpu.onnx")
+    try:
+        model = onnx.load(str(source))
+    except Exception as exc:  # noqa: BLE001 - onnx's own failure, in one line
+        raise ExportError(f"{source} is not a readable ONNX model: {first_line(exc)}") from exc
+    names = _dia_multiplies(model)
+    _fix_batch(model, batch_size)
+    block = nchwc_block_size()
+    with tempfile.TemporaryDirectory(prefix="fxattn-ort-cpu-") as folder:
+        static, optimized = Path(folder) / "static.onnx", Path(folder) / "optimized.onnx"
+        save_with_external_data(model, static)
+        del model
+        try:
+            _ort_optimize(static, optimized)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own failure, in one line
+            raise ExportError(f"onnxruntime cannot optimise {source} at batch {batch_size}: "
+                              f"{first_line(exc)}") from exc
+        compiled = onnx.load(str(optimized))
+        before = len(compiled.graph.node)
+        fused, skipped = fuse_dia_multiplies(compiled, names, batch_size, block)
+        report = OrtCpuReport(path=str(target), batch_size=batch_size, block_size=block,
+                              dia_multiplies=len(names), fused=fused, skipped=skipped,
+                              nodes={"onnxruntime": before, "compiled": len(compiled.graph.node)})
+        import onnxruntime as ort
+
+        onnx.helper.set_model_props(compiled, {METADATA_KEY: json.dumps(
+            {"batch_size": batch_size, "block_size": block, "onnxruntime": ort.__version__})})
+        with atomic_path(target) as staged:
+            _save(compiled, staged)
+            del compiled
+            if verify:
+                report.max_abs_error = _verify(source, staged, batch_size, seed)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _save(model: Any, path: Path) -> None:
+    """One file, as the export writes it, or ``<name>.data`` beside it over protobuf's 2 GB."""
+    import onnx
+
+    if model.ByteSize() < 2**31 - 2**26:  # a margin for the graph itself
+        onnx.save_model(model, str(path))
+    else:
+        save_with_external_data(model, path)
+
+
+def _verify(portable: Path, compiled: Path, batch_size: int, seed: int) -> float:
+    """Largest difference between the compiled and the portable model on a random batch."""
+    try:
+        reference, session = ort_session(str(portable)), ort_session(str(compiled))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own failure, in one line
+        raise VerificationError(f"onnxruntime cannot load the compiled model: "
+                                f"{first_line(exc)}") from exc
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for value in reference.get_inputs():
+        if value.type != "tensor(float)":
+            raise ConfigError(f"input {value.name} is {value.type}; compile_ort_cpu feeds "
+                              "float tensors only (pass verify=False to skip the check)")
+        shape = [batch_size if i == 0 else d for i, d in enumerate(value.shape)]
+        if not all(isinstance(d, int) for d in shape):
+            raise ConfigError(f"input {value.name} has shape {value.shape}: only the batch may "
+                              "be dynamic to verify (pass verify=False to skip the check)")
+        feed[value.name] = rng.standard_normal(shape).astype(np.float32)
+    expected = reference.run(None, feed)
+    actual = session.run(None, feed)
+    worst = 0.0
+    for want, got in zip(expected, actual, strict=True):
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        allowed = DEFAULT_ATOL + DEFAULT_RTOL * np.abs(want.astype(np.float64))
+        if got.shape != want.shape or not np.all(diff <= allowed):
+            raise VerificationError(
+                f"the compiled model differs from the portable one in onnxruntime (max abs "
+                f"error {float(diff.max()) if diff.size else 0.0:.2e}); keep the portable model "
+                "and report this model to fxattn")
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+    return worst

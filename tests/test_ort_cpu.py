@@ -1,0 +1,188 @@
+"""``fxattn.compile_ort_cpu``: DIA's multiply fused into onnxruntime's blocked convolutions.
+
+Parity with PyTorch at the compiled batch sizes, the structure onnxruntime runs (every DIA block
+stays in the blocked layout), no change at all to a model without DIA, the partial cases
+(a multiply with no residual ReLU, channels that do not fill the block), and bad input.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from models import CifarResNet, cifar_dia_lean
+
+import fxattn
+from fxattn.cli import main
+from fxattn.errors import ConfigError, ExportError, VerificationError
+from fxattn.ort_cpu import METADATA_KEY, NCHWC, _fix_batch, _ort_optimize, nchwc_block_size
+from fxattn.runtime import ort_session
+
+SITES = 6  # CifarResNet depth 20: two bottlenecks in each of three stages (64, 128, 256 ch.)
+# measured: worst |ort - torch| 3e-7 on logits of magnitude ~0.3, as for the portable export
+ATOL, RTOL = 1e-5, 1e-4
+BLOCKED = nchwc_block_size() > 0  # onnxruntime blocks convolutions on x86 with AVX2 or AVX-512
+
+
+@pytest.fixture(scope="module")
+def lean() -> torch.nn.Module:
+    return cifar_dia_lean()
+
+
+@pytest.fixture(scope="module")
+def lean_onnx(lean: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ortcpu") / "lean.onnx"
+    fxattn.export_onnx(lean, path, torch.randn(2, 3, 32, 32))
+    return path
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort_session(str(path), threads=1)
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _onnxruntime_graph(source: Path, batch: int, folder: Path) -> onnx.ModelProto:
+    """onnxruntime's own optimised graph of ``source`` at a fixed batch (no fxattn rewrite)."""
+    model = onnx.load(str(source))
+    _fix_batch(model, batch)
+    static, optimized = folder / "static.onnx", folder / "ort.onnx"
+    onnx.save(model, str(static))
+    _ort_optimize(static, optimized)
+    return onnx.load(str(optimized))
+
+
+def _ops(model: onnx.ModelProto) -> Counter:
+    return Counter(f"{n.domain.split('.')[-1]}:{n.op_type}" for n in model.graph.node)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_model_matches_pytorch(batch: int, lean: torch.nn.Module, lean_onnx: Path,
+                                        tmp_path: Path) -> None:
+    out = tmp_path / "lean.ort-cpu.onnx"
+    report = fxattn.compile_ort_cpu(lean_onnx, out, batch_size=batch)
+    assert report.dia_multiplies == SITES
+    assert report.fused == (SITES if BLOCKED else 0)
+    assert report.max_abs_error is not None and report.max_abs_error <= 1e-5
+    x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = lean(torch.from_numpy(x))
+    torch.testing.assert_close(torch.from_numpy(_run(out, x)), want, atol=ATOL, rtol=RTOL)
+    meta = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert json.loads(meta[METADATA_KEY])["batch_size"] == batch
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no staging folder left
+
+
+@pytest.mark.skipif(not BLOCKED, reason="onnxruntime has no blocked layout on this CPU")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_every_dia_block_stays_blocked(batch: int, lean_onnx: Path, tmp_path: Path) -> None:
+    """onnxruntime's own graph leaves the blocked layout at every DIA block (reorders, and a
+    separate Mul, Add and Relu); the compiled one runs each as one blocked depthwise conv."""
+    theirs = _ops(_onnxruntime_graph(lean_onnx, batch, tmp_path))
+    out = tmp_path / "lean.ort-cpu.onnx"
+    fxattn.compile_ort_cpu(lean_onnx, out, batch_size=batch)
+    compiled = onnx.load(str(out))
+    ours = _ops(compiled)
+    assert theirs["nchwc:ReorderInput"] >= SITES - 3 and ours["nchwc:ReorderInput"] == 0
+    assert ours[":Relu"] == theirs[":Relu"] - SITES
+    assert ours["nchwc:Conv"] == theirs["nchwc:Conv"] + SITES
+    # the only reorders left carry the pooled (B, C, 1, 1) vector of each site and the head's
+    # input; onnxruntime's own graph also reorders every branch output and some shortcuts
+    assert ours["nchwc:ReorderOutput"] == SITES + 1
+    assert theirs["nchwc:ReorderOutput"] >= 2 * SITES + 1
+    depthwise = [n for n in compiled.graph.node if n.domain == NCHWC and n.op_type == "Conv"
+                 and n.name.startswith("fxattn_ort_cpu.")]
+    groups = sorted(onnx.helper.get_attribute_value(a) for n in depthwise for a in n.attribute
+                    if a.name == "group")
+    assert groups == sorted(batch * c for c in (64, 64, 128, 128, 256, 256))
+    assert all(len(n.input) == 4 and n.input[3] for n in depthwise)  # the residual is fused
+
+
+@pytest.mark.parametrize("kind", ["original", "ssia-only"])
+def test_model_without_dia_is_onnxruntimes_own_graph(kind: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = CifarResNet(depth=20, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    if kind == "ssia-only":
+        model = fxattn.strip_ssia(fxattn.transform(model, x, dia=False))
+    portable = tmp_path / "portable.onnx"
+    fxattn.export_onnx(model, portable, x)
+    out = tmp_path / "compiled.onnx"
+    report = fxattn.compile_ort_cpu(portable, out, batch_size=1)
+    assert report.dia_multiplies == 0 and report.fused == 0 and not report.skipped
+    theirs = _onnxruntime_graph(portable, 1, tmp_path)
+    compiled = onnx.load(str(out))
+    assert [(n.op_type, n.domain, list(n.input), list(n.output)) for n in compiled.graph.node] \
+        == [(n.op_type, n.domain, list(n.input), list(n.output)) for n in theirs.graph.node]
+
+
+def test_mobilenet_v2_add_without_relu_and_unfilled_blocks(tmp_path: Path) -> None:
+    """MobileNetV2's DIA sites: residual adds with no ReLU after them, sites with no residual,
+    and 24-channel stages that do not fill a 16-channel block (left as onnxruntime made them)."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    lean = fxattn.strip_ssia(fxattn.transform(model, x, ssia=False))
+    portable = tmp_path / "mnv2.onnx"
+    fxattn.export_onnx(lean, portable, x)
+    out = tmp_path / "mnv2.ort-cpu.onnx"
+    report = fxattn.compile_ort_cpu(portable, out, batch_size=2)
+    assert report.dia_multiplies > 0
+    assert report.fused + len(report.skipped) == report.dia_multiplies
+    block = nchwc_block_size()
+    if BLOCKED:
+        assert report.fused > 0
+        assert all(("not a multiple of the block" in why and f"block {block}" in why)
+                   or "not in the blocked layout" in why for why in report.skipped.values())
+    sample = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        want = lean(torch.from_numpy(sample))
+    torch.testing.assert_close(torch.from_numpy(_run(out, sample)), want, atol=ATOL, rtol=RTOL)
+
+
+def test_bad_input_is_refused_and_nothing_is_written(lean_onnx: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out.onnx"
+    with pytest.raises(ExportError, match="is not a file; export the model first"):
+        fxattn.compile_ort_cpu(tmp_path / "missing.onnx", out, batch_size=1)
+    for batch in (0, -1, True, 1.5):
+        with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+            fxattn.compile_ort_cpu(lean_onnx, out, batch_size=batch)  # type: ignore[arg-type]
+    with pytest.raises(ExportError, match="would overwrite the portable model"):
+        fxattn.compile_ort_cpu(lean_onnx, lean_onnx, batch_size=1)
+    not_onnx = tmp_path / "notes.onnx"
+    not_onnx.write_text("not a model")
+    with pytest.raises(ExportError, match="not a readable ONNX model"):
+        fxattn.compile_ort_cpu(not_onnx, out, batch_size=1)
+    fixed = tmp_path / "fixed.onnx"
+    fxattn.compile_ort_cpu(lean_onnx, fixed, batch_size=2, verify=False)
+    with pytest.raises(ConfigError, match="fixed batch of 2, not 4"):
+        fxattn.compile_ort_cpu(fixed, out, batch_size=4)
+
+    def differs(*args: object) -> float:
+        raise VerificationError("the compiled model differs from the portable one")
+
+    monkeypatch.setattr("fxattn.ort_cpu._verify", differs)
+    with pytest.raises(VerificationError):
+        fxattn.compile_ort_cpu(lean_onnx, out, batch_size=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["notes.onnx", *(p.name for p in tmp_path.glob("fixed.onnx*"))])
+
+
+def test_cli_compile(lean_onnx: Path, tmp_path: Path,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    out, report = tmp_path / "lean.b1.onnx", tmp_path / "report.json"
+    assert main(["compile", str(lean_onnx), "-o", str(out), "--batch", "1", "--json",
+                 str(report)]) == 0
+    assert "DIA multiplies fused into blocked convolutions" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["batch_size"] == 1 and data["dia_multiplies"] == SITES and out.exists()
+    assert main(["compile", str(tmp_path / "nope.onnx"), "-o", str(out), "--batch", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fxattn: error:") and "export the model" in err[0]
+    assert main(["compile", str(lean_onnx), "-o", str(out), "--batch", "0"]) == 2
