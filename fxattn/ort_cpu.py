@@ -214,10 +214,8 @@ class _Graph:
 def _attr(node: Any, name: str, default: Any = None) -> Any:
     from onnx import helper
 
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default
+    has = any(attribute.name == name for attribute in node.attribute)
+    return helper.get_node_attr_value(node, name) if has else default
 
 
 def _reorder_output_channels(node: Any) -> int | None:

@@ -259,17 +259,21 @@ def test_compiled_variants_are_timed_at_their_own_batch(tmp_path: Path) -> None:
                                   engines=("onnxruntime",), dia_weights=("int8",), compiled=True,
                                   spinning=spinning, out_dir=tmp_path / str(spinning),
                                   progress=False)
-        names = ["original", "lean", "lean-int8", "lean-ort-cpu", "lean-int8-ort-cpu"]
+        compiled_names = ["original-ort-cpu", "lean-ort-cpu", "lean-int8-ort-cpu"]
+        names = ["original", "lean", "lean-int8", *compiled_names]
         for batch in (1, 2):
             assert list(result.latency["onnxruntime"][batch]) == names
             written = sorted(p.name for p in (tmp_path / str(spinning)).glob(f"*.b{batch}.onnx"))
-            assert written == [f"lean-int8-ort-cpu.b{batch}.onnx", f"lean-ort-cpu.b{batch}.onnx"]
+            assert written == sorted(f"{name}.b{batch}.onnx" for name in compiled_names)
+        assert "original-ort-cpu" not in result.cost  # the compiled models' baseline
         entry = result.models["lean-ort-cpu"]
         fused = 3 if nchwc_block_size() else 0
         assert entry.parameters == result.models["lean"].parameters
         assert f"DIA multiplies fused {fused} of 3" in entry.note
         assert result.settings["compiled"] is True
         compiled, portable = result.cost["lean-ort-cpu"][2], result.cost["lean"][2]
+        stats = result.latency["onnxruntime"][2]
+        assert compiled.added_ms == stats["lean-ort-cpu"].p50_ms - stats["original-ort-cpu"].p50_ms
         assert compiled.site_bytes == portable.site_bytes
         assert compiled.dia_matrix_bytes == portable.dia_matrix_bytes
         if fused:  # the fused multiply reads the branch output and the shortcut, writes once

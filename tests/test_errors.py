@@ -293,6 +293,7 @@ DEDICATED_TESTS = {
     "load-truncated": "test_truncated_checkpoint_is_refused",
     "cli-internal-error": "test_cli_internal_error_is_one_line",
     "cli-debug": "test_cli_debug_shows_the_traceback",
+    "compile-fixed-batch": "test_compiling_a_fixed_batch_model_at_another_batch",
 }
 
 # --------------------------------------------------------------------------- files: export
@@ -372,6 +373,22 @@ def _load_directory(lean: nn.Module, tmp_path: Path) -> None:
     fxattn.load(tmp_path)
 
 
+def _compile_missing(lean: nn.Module, tmp_path: Path) -> None:
+    fxattn.compile_ort_cpu(tmp_path / "missing.onnx", tmp_path / "out.onnx", batch_size=1)
+
+
+def _compile_not_onnx(lean: nn.Module, tmp_path: Path) -> None:
+    fxattn.compile_ort_cpu(tmp_path / "old.onnx", tmp_path / "out.onnx", batch_size=1)
+
+
+def _compile_bad_batch(lean: nn.Module, tmp_path: Path) -> None:
+    fxattn.compile_ort_cpu(tmp_path / "old.onnx", tmp_path / "out.onnx", batch_size=0)
+
+
+def _compile_over_source(lean: nn.Module, tmp_path: Path) -> None:
+    fxattn.compile_ort_cpu(tmp_path / "old.onnx", tmp_path / "old.onnx", batch_size=1)
+
+
 FILE_CASES: dict[str, tuple[Callable[[nn.Module, Path], None], type[Exception], str]] = {
     "export-path-is-directory": (_export_to_directory, fxattn.ExportError, "is a directory"),
     "export-folder-missing": (_export_missing_folder, fxattn.ExportError, "does not exist"),
@@ -392,6 +409,12 @@ FILE_CASES: dict[str, tuple[Callable[[nn.Module, Path], None], type[Exception], 
     "export-bad-opset": (_export_bad_opset, fxattn.ExportError, "opset=99 .*7 to"),
     "load-missing-file": (_load_missing, fxattn.CheckpointError, "no such file"),
     "load-directory": (_load_directory, fxattn.CheckpointError, "directory"),
+    "compile-missing-file": (_compile_missing, fxattn.ExportError, "export the model first"),
+    "compile-not-onnx": (_compile_not_onnx, fxattn.ExportError, "not a readable ONNX model"),
+    "compile-bad-batch": (_compile_bad_batch, fxattn.ConfigError,
+                          "batch_size must be a positive integer"),
+    "compile-over-source": (_compile_over_source, fxattn.ExportError,
+                            "would overwrite the portable model"),
 }
 
 
@@ -405,6 +428,18 @@ def test_file_catalog(case: str, lean: torch.fx.GraphModule, tmp_path: Path) -> 
         call(lean, tmp_path)
     assert folder_state(tmp_path) == before
     assert_state_equal(lean, snapshot)
+
+
+def test_compiling_a_fixed_batch_model_at_another_batch(lean: torch.fx.GraphModule,
+                                                        tmp_path: Path) -> None:
+    """A model compiled at batch 2 (its batch is now fixed) compiled again at batch 4."""
+    export_onnx(lean, tmp_path / "lean.onnx", X)
+    fxattn.compile_ort_cpu(tmp_path / "lean.onnx", tmp_path / "b2.onnx", 2, verify=False)
+    before = folder_state(tmp_path)
+    with pytest.raises(fxattn.ConfigError, match="fixed batch of 2, not 4; compile with "
+                                                 "batch_size=2"):
+        fxattn.compile_ort_cpu(tmp_path / "b2.onnx", tmp_path / "b4.onnx", 4)
+    assert folder_state(tmp_path) == before
 
 
 def test_export_to_a_folder_nothing_can_be_written_in(lean: torch.fx.GraphModule,

@@ -20,6 +20,7 @@ def test_quickstart_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     namespace: dict[str, object] = {}
     exec(compile(code.group(1), "README-quickstart", "exec"), namespace)  # noqa: S102
     assert os.path.exists(tmp_path / "resnet18_dia.onnx")
+    assert os.path.exists(tmp_path / "resnet18_dia.b1.onnx")  # compiled for onnxruntime's CPU
     assert namespace["report"].verified  # type: ignore[attr-defined]
 
 
