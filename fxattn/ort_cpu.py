@@ -171,21 +171,23 @@ def _fix_batch(model: Any, batch_size: int) -> None:
             dims[0].dim_value = batch_size
 
 
-def _dia_multiplies(model: Any) -> set[str]:
-    """Names of DIA's channel multiplies in the portable model: a ``Mul`` in DIA's name scope
-    (``fxattn_dia.*``) of a ``(B, C, H, W)`` activation by a ``(B, C, 1, 1)`` scale."""
+def channel_multiplies(model: Any) -> dict[str, tuple[int, bool]]:
+    """The channel multiplies of the portable model, ``A * s`` of a ``(B, C, H, W)`` activation
+    by a ``(B, C, 1, 1)`` scale: name -> (which input is the scale, whether it is DIA's, by
+    name scope ``fxattn_dia.*``)."""
     shapes = tensor_shapes(model)
-
-    def channel_multiply(node: Any) -> bool:
-        dims = sorted((shapes.get(name, []) for name in node.input), key=lambda d: d[2:] == [1, 1])
-        if len(dims) != 2 or len(dims[0]) != 4 or len(dims[1]) != 4:
-            return False
-        activation, scale = dims
-        return scale[2:] == [1, 1] and activation[2:] != [1, 1] and scale[1] == activation[1]
-
-    return {node.name for node in model.graph.node
-            if node.op_type == "Mul" and not node.domain and node.name and in_dia(node)
-            and channel_multiply(node)}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "Mul" or node.domain or not node.name or len(node.input) != 2:
+            continue
+        dims = [shapes.get(name, []) for name in node.input]
+        if not all(len(d) == 4 for d in dims):
+            continue
+        for k in (0, 1):
+            activation, scale = dims[1 - k], dims[k]
+            if scale[2:] == [1, 1] and activation[2:] != [1, 1] and scale[1] == activation[1]:
+                found[node.name] = (k, in_dia(node))
+    return found
 
 
 # --------------------------------------------------------------------------- the rewrite
@@ -226,131 +228,161 @@ def _reorder_output_channels(node: Any) -> int | None:
     return int(_attr(node, "channels", 0)) or None
 
 
-def fuse_dia_multiplies(model: Any, names: set[str], batch_size: int,
+def fuse_dia_multiplies(model: Any, multiplies: dict[str, tuple[int, bool]], batch_size: int,
                         block_size: int) -> tuple[int, dict[str, str]]:
     """Rewrite each DIA multiply of onnxruntime's graph ``model`` (in place) as a blocked
     depthwise convolution, with the residual add and ReLU after it when there are.
 
-    Returns how many were fused and, for the others, why not.
+    ``multiplies`` is :func:`channel_multiplies` of the portable model (which operand is the
+    scale, and whether it is DIA's). Channels that do not fill the blocked layout's last block
+    get zero scales. A multiply whose activation onnxruntime does not run blocked (after a
+    squeeze-excitation's own multiply, say, which DIA's pool reads too) is left alone. Returns
+    how many DIA multiplies were fused and, for the others, why not.
     """
-    from onnx import helper, numpy_helper
+    fuser = _Fuser(model, multiplies, batch_size, block_size)
+    present = {node.name for node in model.graph.node}
+    skipped = {name: "onnxruntime fused it into another node"
+               for name, (_, dia) in sorted(multiplies.items()) if dia and name not in present}
+    for node in list(model.graph.node):
+        if multiplies.get(node.name, (0, False))[1] and node.op_type == "Mul" \
+                and not node.domain:
+            why = fuser.fuse(node)
+            if why:
+                skipped[node.name] = why
+    fuser.finish()
+    return fuser.fused, skipped
 
-    graph = _Graph(model.graph)
-    blocked: dict[str, str] = {}  # NCHW tensor -> the same tensor in the blocked layout
-    for node in model.graph.node:
-        if _reorder_output_channels(node) is not None:
-            blocked[node.output[0]] = node.input[0]
-    replaced: dict[int, list[Any]] = {}  # id(node kept in place) -> the nodes standing for it
-    removed: set[int] = set()
-    renamed: dict[str, str] = {}  # a removed ReorderInput's output -> the blocked tensor
-    constants: list[Any] = []
-    skipped: dict[str, str] = {}
-    fused = 0
 
-    def constant(name: str, values: list[int]) -> str:
-        constants.append(numpy_helper.from_array(np.array(values, np.int64), name))
+class _Fuser:
+    """The rewrite of :func:`fuse_dia_multiplies`, one multiply at a time, then the graph."""
+
+    def __init__(self, model: Any, multiplies: dict[str, tuple[int, bool]], batch_size: int,
+                 block_size: int) -> None:
+        self.model, self.batch_size, self.block_size = model, batch_size, block_size
+        self.multiplies = multiplies
+        self.graph = _Graph(model.graph)
+        self.blocked: dict[str, str] = {}  # NCHW tensor -> the same tensor, blocked
+        for node in model.graph.node:
+            if _reorder_output_channels(node) is not None:
+                self.blocked[node.output[0]] = node.input[0]
+        self.replaced: dict[int, list[Any]] = {}  # id(kept node) -> the nodes before it
+        self.removed: set[int] = set()
+        self.renamed: dict[str, str] = {}  # a removed ReorderInput's output -> blocked tensor
+        self.constants: list[Any] = []
+        self.fused = 0
+
+    def constant(self, name: str, values: list[int]) -> str:
+        from onnx import numpy_helper
+
+        if name not in {c.name for c in self.constants}:
+            self.constants.append(numpy_helper.from_array(np.array(values, np.int64), name))
         return name
 
-    present = {node.name for node in model.graph.node}
-    for name in sorted(names - present):
-        skipped[name] = "onnxruntime fused it into another node"
-    flat = constant(f"{NODE_PREFIX}flat_batch", [1, -1, 0, 0])
-    filter_shape = constant(f"{NODE_PREFIX}filter", [-1, 1, 1, 1])
-    for node in list(model.graph.node):
-        if node.name not in names or node.op_type != "Mul" or node.domain:
-            continue
-        sources = [graph.producer.get(name) for name in node.input]
-        channels = [_reorder_output_channels(source) for source in sources]
-        if not any(channels):
-            skipped[node.name] = "its activation is not in the blocked layout"
-            continue
-        k = 0 if channels[0] else 1
-        activation, scale, count = node.input[k], node.input[1 - k], channels[k]
-        assert count is not None
-        if block_size == 0 or count % block_size:
-            skipped[node.name] = f"{count} channels are not a multiple of the block {block_size}"
-            continue
-        add = graph.only_user(node.output[0], "Add")
+    def fuse(self, node: Any) -> str:
+        """Fuse one multiply; return why not ("" when it was)."""
+        from onnx import helper
+
+        if not self.block_size:
+            return "onnxruntime has no blocked layout on this CPU"
+        new: list[Any] = []
+        prefix = f"{NODE_PREFIX}{self.fused}"
+        activation, scale = self._operands(node)
+        reorder = self.graph.producer.get(activation)
+        channels = _reorder_output_channels(reorder)
+        if channels is None:
+            made_by = f"a {reorder.op_type} in NCHW" if reorder is not None else "an input"
+            return f"its activation is not in the blocked layout (it comes from {made_by})"
+        padded = -(-channels // self.block_size) * self.block_size
+        if padded != channels:  # the blocked tensor's last block holds zero channels
+            pads = self.constant(f"{NODE_PREFIX}pad{padded - channels}",
+                                 [0, 0, 0, 0, 0, padded - channels, 0, 0])
+            new.append(helper.make_node("Pad", [scale, pads], [f"{prefix}.scale_padded"],
+                                        name=f"{prefix}/PadScale"))
+            scale = f"{prefix}.scale_padded"
+
+        add = self.graph.only_user(node.output[0], "Add")
         shortcut = None
         if add is not None:
             shortcut = add.input[1] if add.input[0] == node.output[0] else add.input[0]
             if shortcut == node.output[0]:
                 add, shortcut = None, None
-        last = add if add is not None else node
-        relu = graph.only_user(last.output[0], "Relu") if add is not None else None
-        last = relu if relu is not None else last
+        relu = self.graph.only_user(add.output[0], "Relu") if add is not None else None
+        last = relu or add or node
         result = last.output[0]
-        prefix = f"{NODE_PREFIX}{fused}"
-        new: list[Any] = []
 
-        def flattened(tensor: str, name: str, step: str, new: list[Any] = new,
-                      prefix: str = prefix) -> str:
-            """``tensor`` viewed as one image of ``B*C`` channels (itself at batch 1)."""
-            if batch_size == 1:
-                return tensor
-            new.append(helper.make_node("Reshape", [tensor, flat], [name],
-                                        name=f"{prefix}/{step}"))
-            return name
-
-        conv_inputs = ["", f"{prefix}.w", ""]
+        conv_inputs = [self._flat(reorder.input[0], f"{prefix}.x", new), f"{prefix}.w", ""]
         if shortcut is not None:
-            if shortcut in blocked:
-                shortcut_blocked = blocked[shortcut]
-            else:
-                shortcut_blocked = f"{prefix}.shortcut_blocked"
-                new.append(helper.make_node("ReorderInput", [shortcut], [shortcut_blocked],
+            if shortcut not in self.blocked:
+                new.append(helper.make_node("ReorderInput", [shortcut], [f"{prefix}.shortcut"],
                                             name=f"{prefix}/ReorderInput", domain=NCHWC,
                                             channels_last=0))
-            conv_inputs.append(flattened(shortcut_blocked, f"{prefix}.sum", "ReshapeSum"))
+                self.blocked[shortcut] = f"{prefix}.shortcut"
+            conv_inputs.append(self._flat(self.blocked[shortcut], f"{prefix}.sum", new))
         out_blocked = f"{result}.blocked"
-        conv_inputs[0] = flattened(graph.producer[activation].input[0], f"{prefix}.x", "ReshapeX")
-        conv_out = out_blocked if batch_size == 1 else f"{prefix}.y"
+        conv_out = out_blocked if self.batch_size == 1 else f"{prefix}.y"
         new += [
-            helper.make_node("Reshape", [scale, filter_shape], [f"{prefix}.w"],
-                             name=f"{prefix}/ReshapeW"),
+            helper.make_node("Reshape", [scale, self.constant(f"{NODE_PREFIX}filter",
+                                                              [-1, 1, 1, 1])],
+                             [f"{prefix}.w"], name=f"{prefix}/ReshapeW"),
             helper.make_node("Conv", conv_inputs, [conv_out], name=f"{prefix}/Conv",
-                             domain=NCHWC, group=batch_size * count, kernel_shape=[1, 1],
+                             domain=NCHWC, group=self.batch_size * padded, kernel_shape=[1, 1],
                              strides=[1, 1], dilations=[1, 1], pads=[0, 0, 0, 0],
                              **({"activation": "Relu"} if relu is not None else {})),
         ]
-        if batch_size > 1:
-            unflat = constant(f"{prefix}.unflat", [-1, count, 0, 0])
+        if self.batch_size > 1:  # back to B images
+            unflat = self.constant(f"{NODE_PREFIX}unflat{padded}", [-1, padded, 0, 0])
             new.append(helper.make_node("Reshape", [conv_out, unflat], [out_blocked],
                                         name=f"{prefix}/ReshapeY"))
-        new += [
-            # for NCHW users, if any (removed below when there are none)
-            helper.make_node("ReorderOutput", [out_blocked], [result],
-                             name=f"{prefix}/ReorderOutput", domain=NCHWC, channels=count,
-                             channels_last=0),
-        ]
-        blocked[result] = out_blocked
-        for user in graph.users.get(result, []):
+        # for NCHW users, if any (removed with the dead nodes when there are none)
+        new.append(helper.make_node("ReorderOutput", [out_blocked], [result],
+                                    name=f"{prefix}/ReorderOutput", domain=NCHWC,
+                                    channels=channels, channels_last=0))
+        self.blocked[result] = out_blocked
+        for user in self.graph.users.get(result, []):
             if user.op_type == "ReorderInput" and user.domain == NCHWC \
                     and not _attr(user, "channels_last", 0):
-                renamed[user.output[0]] = out_blocked
-                removed.add(id(user))
-        for old in (node, add, relu):
-            if old is not None:
-                removed.add(id(old))
-        replaced[id(last)] = new
-        fused += 1
+                self.renamed[user.output[0]] = out_blocked
+                self.removed.add(id(user))
+        self.removed |= {id(old) for old in (node, add, relu) if old is not None}
+        self.replaced[id(last)] = new
+        self.fused += 1
+        return ""
 
-    nodes: list[Any] = []
-    for node in model.graph.node:
-        nodes.extend(replaced.get(id(node), []))
-        if id(node) not in removed:
-            nodes.append(node)
-    for node in nodes:
-        for i, name in enumerate(node.input):
-            if name in renamed:
-                node.input[i] = renamed[name]
-    nodes = _without_dead_nodes(nodes, graph.outputs)
-    used = {name for node in nodes for name in node.input}
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    model.graph.initializer.extend(c for c in constants if c.name in used)
-    del model.graph.value_info[:]  # onnxruntime's were for its own graph; shapes are static now
-    return fused, skipped
+    def _operands(self, node: Any) -> tuple[str, str]:
+        """A channel multiply's (activation, scale), as the portable model said."""
+        k = self.multiplies[node.name][0]
+        return node.input[1 - k], node.input[k]
+
+    def _flat(self, tensor: str, name: str, new: list[Any]) -> str:
+        """``tensor`` viewed as one image of ``B*C`` channels (itself at batch 1)."""
+        from onnx import helper
+
+        if self.batch_size == 1:
+            return tensor
+        flat = self.constant(f"{NODE_PREFIX}flat_batch", [1, -1, 0, 0])
+        prefix, what = name.rsplit(".", 1)
+        new.append(helper.make_node("Reshape", [tensor, flat], [name],
+                                    name=f"{prefix}/Reshape_{what}"))
+        return name
+
+    def finish(self) -> None:
+        """Put the new nodes in place, drop what nothing reads, and the stale shapes."""
+        graph = self.model.graph
+        nodes: list[Any] = []
+        for node in graph.node:
+            nodes.extend(self.replaced.get(id(node), []))
+            if id(node) not in self.removed:
+                nodes.append(node)
+        for node in nodes:
+            for i, name in enumerate(node.input):
+                if name in self.renamed:
+                    node.input[i] = self.renamed[name]
+        nodes = _without_dead_nodes(nodes, self.graph.outputs)
+        used = {name for node in nodes for name in node.input}
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(c for c in self.constants if c.name in used)
+        del graph.value_info[:]  # onnxruntime's were for its own graph; shapes are static now
 
 
 def _without_dead_nodes(nodes: list[Any], outputs: set[str]) -> list[Any]:
@@ -398,7 +430,7 @@ def compile_ort_cpu(onnx_path: str | Path, output_path: str | Path, batch_size: 
         model = onnx.load(str(source))
     except Exception as exc:  # noqa: BLE001 - onnx's own failure, in one line
         raise ExportError(f"{source} is not a readable ONNX model: {first_line(exc)}") from exc
-    names = _dia_multiplies(model)
+    multiplies = channel_multiplies(model)
     _fix_batch(model, batch_size)
     block = nchwc_block_size()
     with tempfile.TemporaryDirectory(prefix="fxattn-ort-cpu-") as folder:
@@ -412,9 +444,10 @@ def compile_ort_cpu(onnx_path: str | Path, output_path: str | Path, batch_size: 
                               f"{first_line(exc)}") from exc
         compiled = onnx.load(str(optimized))
         before = len(compiled.graph.node)
-        fused, skipped = fuse_dia_multiplies(compiled, names, batch_size, block)
+        fused, skipped = fuse_dia_multiplies(compiled, multiplies, batch_size, block)
         report = OrtCpuReport(path=str(target), batch_size=batch_size, block_size=block,
-                              dia_multiplies=len(names), fused=fused, skipped=skipped,
+                              dia_multiplies=sum(dia for _, dia in multiplies.values()),
+                              fused=fused, skipped=skipped,
                               nodes={"onnxruntime": before, "compiled": len(compiled.graph.node)})
         import onnxruntime as ort
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import timm
 import torch
 import torchvision
 from models import CifarResNet, cifar_dia_lean
@@ -121,28 +122,47 @@ def test_model_without_dia_is_onnxruntimes_own_graph(kind: str, tmp_path: Path) 
         == [(n.op_type, n.domain, list(n.input), list(n.output)) for n in theirs.graph.node]
 
 
-def test_mobilenet_v2_add_without_relu_and_unfilled_blocks(tmp_path: Path) -> None:
-    """MobileNetV2's DIA sites: residual adds with no ReLU after them, sites with no residual,
-    and 24-channel stages that do not fill a 16-channel block (left as onnxruntime made them)."""
+@pytest.mark.parametrize("name", ["mobilenet_v2", "regnet_y_400mf"])
+def test_adds_without_relu_unfilled_blocks_and_squeeze_excitation(name: str,
+                                                                  tmp_path: Path) -> None:
+    """MobileNetV2: residual adds with no ReLU after them, sites with no residual, 24-channel
+    stages that do not fill a 16-channel block (their scales padded with zeros). RegNetY: a
+    squeeze-excitation inside the branch, 104- and 440-channel stages."""
     torch.manual_seed(0)
-    model = torchvision.models.mobilenet_v2(weights=None, num_classes=10).eval()
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
     lean = fxattn.strip_ssia(fxattn.transform(model, x, ssia=False))
-    portable = tmp_path / "mnv2.onnx"
+    portable = tmp_path / f"{name}.onnx"
     fxattn.export_onnx(lean, portable, x)
-    out = tmp_path / "mnv2.ort-cpu.onnx"
+    out = tmp_path / f"{name}.ort-cpu.onnx"
     report = fxattn.compile_ort_cpu(portable, out, batch_size=2)
     assert report.dia_multiplies > 0
-    assert report.fused + len(report.skipped) == report.dia_multiplies
-    block = nchwc_block_size()
+    assert report.fused == (report.dia_multiplies if BLOCKED else 0), report.skipped
+    compiled = onnx.load(str(out))
+    steps = Counter(n.name.rsplit("/", 1)[-1].rstrip("0123456789") for n in compiled.graph.node
+                    if n.name.startswith("fxattn_ort_cpu."))
     if BLOCKED:
-        assert report.fused > 0
-        assert all(("not a multiple of the block" in why and f"block {block}" in why)
-                   or "not in the blocked layout" in why for why in report.skipped.values())
+        assert steps["PadScale"] > 0  # 24 (MobileNetV2), 104 and 440 (RegNetY) channels
     sample = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     with torch.no_grad():
         want = lean(torch.from_numpy(sample))
     torch.testing.assert_close(torch.from_numpy(_run(out, sample)), want, atol=ATOL, rtol=RTOL)
+
+
+def test_a_multiply_after_squeeze_excitation_is_left_alone(tmp_path: Path) -> None:
+    """timm's SE-ResNet: DIA's multiply reads the squeeze-excitation's product, which onnxruntime
+    computes in NCHW (DIA's pool reads it too): left as onnxruntime made it, and said why."""
+    torch.manual_seed(0)
+    model = timm.create_model("seresnet18", pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    lean = fxattn.strip_ssia(fxattn.transform(model, x, ssia=False))
+    portable = tmp_path / "se.onnx"
+    fxattn.export_onnx(lean, portable, x)
+    report = fxattn.compile_ort_cpu(portable, tmp_path / "se.b1.onnx", batch_size=1)
+    assert report.dia_multiplies == 8 and report.fused == 0
+    if BLOCKED:
+        assert set(report.skipped.values()) == {
+            "its activation is not in the blocked layout (it comes from a Mul in NCHW)"}
 
 
 def test_bad_input_is_refused_and_nothing_is_written(lean_onnx: Path, tmp_path: Path,
