@@ -31,9 +31,13 @@ same kind (onnxruntime says the same of any model it saved with layout optimisat
 portable file for everything else. The compiled file records the batch size, block size and
 onnxruntime version in its metadata (``fxattn.ort_cpu``).
 
-Only DIA's multiplies are rewritten: they are found by name scope in the portable model (the same
-rule as :mod:`fxattn.onnx_optimize`) and by name in onnxruntime's graph, which keeps the names of
-the nodes it does not fuse. A model without DIA comes out as onnxruntime's own optimised graph.
+Only DIA's multiplies are rewritten: they are found by name scope and shape in the portable
+model (the same scope rule as :mod:`fxattn.onnx_optimize`) and by name in onnxruntime's graph,
+which keeps the names of the nodes it does not fuse. A model without DIA comes out as
+onnxruntime's own optimised graph. Channels that do not fill the last block (MobileNetV2's 24)
+get zero scales in the padding; a multiply whose activation onnxruntime does not run blocked
+(after a squeeze-excitation's multiply, or in a channels-last ConvNeXt block) is left as it was,
+and the report says why.
 
 >>> report = fxattn.compile_ort_cpu("lean.onnx", "lean.b1.ort-cpu.onnx", batch_size=1)
 >>> print(report)   # DIA multiplies fused into blocked convolutions: 16 of 16 ...
