@@ -63,7 +63,10 @@ def test_export_from_spec_and_from_saved_file(tmp_path: Path,
 def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path), "--steps", "3", "--size", "64"]) == 0
     out = capsys.readouterr().out
-    for stage in ("transform", "train", "strip", "export", "latency"):
+    for stage in ("transform", "train", "strip", "export", "compile", "latency"):
         assert stage in out
+    words = " ".join(out.split())  # rich wraps long lines
+    assert "8 of 8 DIA multiplies fused" in words or "0 of 8" in words  # 0: no blocked layout
     assert (tmp_path / "resnet18_lean.onnx").exists()
+    assert (tmp_path / "resnet18_lean.b1.onnx").exists()
     assert (tmp_path / "demo.png").stat().st_size > 1000  # latency bars + attention heatmaps
