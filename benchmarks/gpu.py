@@ -12,7 +12,7 @@ It measures, for ResNet-50 (random weights, 224x224) as ``original``, fxattn's `
 (``hand-dia``, the lean model's weights):
 
 * PyTorch latency at batch 1 and 8, eager and replayed from a CUDA graph, fp32 and bf16
-  autocast (medians of interleaved runs, CUDA events);
+  autocast (medians of interleaved runs, each call synchronised);
 * ``torch.compile`` (Inductor) latency and its largest difference from eager;
 * onnxruntime latency with the CUDA provider when the installed onnxruntime has it (the
   machine's image ships the CPU build; the result then says so rather than timing the CPU);
@@ -48,39 +48,18 @@ sys.path.insert(0, str(HERE.parent))
 from handwritten_dia import matched_hand_dia  # noqa: E402
 
 import fxattn  # noqa: E402
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
-    """Milliseconds of one call: CUDA events on a GPU, the wall clock on a CPU."""
-    if device.type == "cuda":
-        def timed(call: Callable[[], Any]) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        return timed
-
-    def wall(call: Callable[[], Any]) -> float:
-        start = time.perf_counter()
-        call()
-        return (time.perf_counter() - start) * 1000
-    return wall
+from fxattn.bench import interleaved_samples  # noqa: E402
 
 
 def interleaved_ms(calls: dict[str, Callable[[], Any]], runs: int, warmup: int,
                    device: torch.device) -> dict[str, float]:
-    """Median milliseconds of each call, the calls interleaved run by run."""
-    timed = _timer(device)
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(runs):
-        for name, call in calls.items():
-            samples[name].append(timed(call))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """Median milliseconds of each call, interleaved run by run (``fxattn.bench``'s protocol);
+    on a GPU each call waits for its kernels, so the wall clock times the work itself."""
+    if device.type == "cuda":
+        calls = {name: (lambda call=call: (call(), torch.cuda.synchronize()))
+                 for name, call in calls.items()}
+    samples = interleaved_samples(calls, runs, warmup)
+    return {name: statistics.median(values) * 1000 for name, values in samples.items()}
 
 
 def graph_call(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
@@ -207,9 +186,9 @@ def ddp(device: torch.device, steps: int) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# fxattn on {results['device_name']}", "",
-             f"Command: `{results['command']}`; torch {results['torch']}, "
+             f"Command: `{results['command']}`; torch {results['torch_version']}, "
              f"{results['size']}x{results['size']} input, median of {results['runs']} "
-             "interleaved runs (CUDA events on a GPU).", ""]
+             "interleaved runs (each call synchronised on a GPU).", ""]
     for title, key in (("PyTorch", "torch"), ("Inductor (torch.compile)", "inductor"),
                        ("onnxruntime, CUDA provider", "onnxruntime_cuda")):
         lines += [f"## {title}", ""]
@@ -244,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     modules = {"original": model, "lean": lean, "hand-dia": hand.eval()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: dict[str, Any] = {
-        "device_name": name, "torch": torch.__version__, "size": args.size, "runs": args.runs,
+        "device_name": name, "torch_version": torch.__version__, "size": args.size,
+        "runs": args.runs,
         "hand_dia_gap": gap,
         "command": "python benchmarks/gpu.py " + " ".join(argv if argv is not None
                                                           else sys.argv[1:])}

@@ -308,14 +308,15 @@ def fold_initial_state(
             raise ExportError(f"cannot fold the initial state: graph output {out.name} is constant")
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    _remove_dead_nodes(model)
+    remove_dead_nodes(model)
     _remove_unused_initializers(model)
     if check:
         onnx.checker.check_model(model)
     return removed
 
 
-def _remove_dead_nodes(model: Any) -> None:
+def remove_dead_nodes(model: Any) -> None:
+    """Drop the nodes of ``model`` (in topological order) that no graph output depends on."""
     needed = {out.name for out in model.graph.output}
     keep = []
     for node in reversed(list(model.graph.node)):

@@ -133,7 +133,8 @@ class OptimizeReport:
 # --------------------------------------------------------------------------- graph helpers
 
 
-def _attr(node: Any, name: str, default: Any = None) -> Any:
+def node_attr(node: Any, name: str, default: Any = None) -> Any:
+    """The value of ``node``'s attribute ``name``, or ``default`` when it has none."""
     import onnx
 
     for attribute in node.attribute:
@@ -184,8 +185,8 @@ def _constants(model: Any) -> dict[str, np.ndarray]:
 
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant" and _attr(node, "value") is not None:
-            values[node.output[0]] = numpy_helper.to_array(_attr(node, "value"))
+        if node.op_type == "Constant" and node_attr(node, "value") is not None:
+            values[node.output[0]] = numpy_helper.to_array(node_attr(node, "value"))
     return values
 
 
@@ -196,7 +197,7 @@ def _is_spatial_mean(node: Any, shapes: dict, consts: dict) -> bool:
     if len(node.input) > 1 and node.input[1]:
         axes = consts.get(node.input[1])
     else:  # opset < 18: axes attribute
-        axes = _attr(node, "axes")
+        axes = node_attr(node, "axes")
     return axes is not None and sorted(int(a) % 4 for a in np.ravel(axes)) == [2, 3]
 
 
@@ -206,10 +207,10 @@ def _is_pointwise_conv(node: Any, shapes: dict, consts: dict) -> bool:
         return False
     if len(node.input) > 2 and node.input[2] and node.input[2] not in consts:
         return False
-    kernel = list(_attr(node, "kernel_shape") or shapes.get(node.input[1], [0, 0, 0])[2:])
-    return (kernel == [1, 1] and all(s == 1 for s in _attr(node, "strides", [1, 1]))
-            and not any(_attr(node, "pads", [0, 0, 0, 0])) and _attr(node, "group", 1) == 1
-            and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
+    kernel = list(node_attr(node, "kernel_shape") or shapes.get(node.input[1], [0, 0, 0])[2:])
+    return (kernel == [1, 1] and all(s == 1 for s in node_attr(node, "strides", [1, 1]))
+            and not any(node_attr(node, "pads", [0, 0, 0, 0])) and node_attr(node, "group", 1) == 1
+            and node_attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
 
 
 # --------------------------------------------------------------------------- the rewrites
@@ -224,7 +225,7 @@ def blocked_pool(model: Any, shapes: dict, consts: dict) -> int:
         if not (in_dia(node) and _is_spatial_mean(node, shapes, consts)):
             nodes.append(node)
             continue
-        keepdims = _attr(node, "keepdims", 1)
+        keepdims = node_attr(node, "keepdims", 1)
         pooled = node.output[0] if keepdims else f"{node.output[0]}__gap"
         nodes += _scoped(node, onnx.helper.make_node("GlobalAveragePool", [node.input[0]],
                                                      [pooled], name=f"{node.name}/fxattn_gap"))
@@ -256,7 +257,7 @@ def pool_before_conv(model: Any, shapes: dict, consts: dict) -> int:
         if not fits:
             nodes.append(node)
             continue
-        flat = node.op_type == "ReduceMean" and not _attr(node, "keepdims", 1)
+        flat = node.op_type == "ReduceMean" and not node_attr(node, "keepdims", 1)
         pooled, out = f"{node.output[0]}__input_gap", node.output[0]
         conv_out = f"{out}__pooled_conv" if flat else out
         nodes += _scoped(
