@@ -241,7 +241,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     """``fxattn compile``: a lean ONNX file compiled for onnxruntime's CPU provider."""
     from .ort_cpu import compile_ort_cpu
 
-    report = compile_ort_cpu(args.model, args.output, args.batch, verify=not args.no_verify,
+    report = compile_ort_cpu(args.model, args.output, args.batch,
+                             fold_weights=args.fold_weights, verify=not args.no_verify,
                              overwrite=args.force)
     print(report)
     if args.json:
@@ -339,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "kind of CPU)")
     p.add_argument("--batch", type=_positive_int, required=True,
                    help="the batch size the compiled model runs at")
+    p.add_argument("--fold-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold h into the weights of the convolution before DIA's multiply "
+                        "where that reads fewer bytes (default: yes)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the check against the portable model in onnxruntime")
     p.add_argument("--json", help="also write the report as JSON to this file")

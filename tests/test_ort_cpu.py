@@ -1,8 +1,9 @@
 """``fxattn.compile_ort_cpu``: DIA's multiply fused into onnxruntime's blocked convolutions.
 
-Parity with PyTorch at the compiled batch sizes, the structure onnxruntime runs (every DIA block
-stays in the blocked layout), no change at all to a model without DIA, the partial cases
-(a multiply with no residual ReLU, channels that do not fill the block), and bad input.
+Parity with PyTorch at the compiled batch sizes, with and without folding ``h`` into the
+weights, the structure onnxruntime runs (every DIA block stays in the blocked layout), no change
+at all to a model without DIA, the partial cases (a multiply with no residual ReLU, channels
+that do not fill the block, a 3x3 convolution and a bias folded), and bad input.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fxattn.ort_cpu import METADATA_KEY, NCHWC, _fix_batch, _ort_optimize, nchwc
 from fxattn.runtime import ort_session
 
 SITES = 6  # CifarResNet depth 20: two bottlenecks in each of three stages (64, 128, 256 ch.)
+FOLDED = 4  # of them, h folded into the weights before them: the first two stages
 # measured: worst |ort - torch| 3e-7 on logits of magnitude ~0.3, as for the portable export
 ATOL, RTOL = 1e-5, 1e-4
 BLOCKED = nchwc_block_size() > 0  # onnxruntime blocks convolutions on x86 with AVX2 or AVX-512
@@ -33,7 +35,18 @@ BLOCKED = nchwc_block_size() > 0  # onnxruntime blocks convolutions on x86 with 
 
 @pytest.fixture(scope="module")
 def lean() -> torch.nn.Module:
-    return cifar_dia_lean()
+    """The CIFAR lean model with batch norms that are not the identity, so that onnxruntime's
+    folded convolutions have biases (which the weight fold scales too)."""
+    model = cifar_dia_lean()
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for tensor, low, high in ((module.running_mean, -0.5, 0.5),
+                                      (module.running_var, 0.5, 2.0),
+                                      (module.weight.data, 0.5, 1.5),
+                                      (module.bias.data, -0.5, 0.5)):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +75,17 @@ def _ops(model: onnx.ModelProto) -> Counter:
     return Counter(f"{n.domain.split('.')[-1]}:{n.op_type}" for n in model.graph.node)
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_compiled_model_matches_pytorch(batch: int, lean: torch.nn.Module, lean_onnx: Path,
-                                        tmp_path: Path) -> None:
+def test_compiled_model_matches_pytorch(batch: int, fold: bool, lean: torch.nn.Module,
+                                        lean_onnx: Path, tmp_path: Path) -> None:
     out = tmp_path / "lean.ort-cpu.onnx"
-    report = fxattn.compile_ort_cpu(lean_onnx, out, batch_size=batch)
+    report = fxattn.compile_ort_cpu(lean_onnx, out, batch_size=batch, fold_weights=fold)
     assert report.dia_multiplies == SITES
     assert report.fused == (SITES if BLOCKED else 0)
+    # 32x32 and 16x16 stages: 16 and 32 input channels per filter, fewer than their 1024 and
+    # 256 pixels; the 8x8 stage's pool reads its activation, which is written anyway
+    assert report.folded == (FOLDED if BLOCKED and fold else 0)
     assert report.max_abs_error is not None and report.max_abs_error <= 1e-5
     x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
@@ -86,7 +103,7 @@ def test_every_dia_block_stays_blocked(batch: int, lean_onnx: Path, tmp_path: Pa
     separate Mul, Add and Relu); the compiled one runs each as one blocked depthwise conv."""
     theirs = _ops(_onnxruntime_graph(lean_onnx, batch, tmp_path))
     out = tmp_path / "lean.ort-cpu.onnx"
-    fxattn.compile_ort_cpu(lean_onnx, out, batch_size=batch)
+    fxattn.compile_ort_cpu(lean_onnx, out, batch_size=batch, fold_weights=False)
     compiled = onnx.load(str(out))
     ours = _ops(compiled)
     assert theirs["nchwc:ReorderInput"] >= SITES - 3 and ours["nchwc:ReorderInput"] == 0
@@ -96,12 +113,47 @@ def test_every_dia_block_stays_blocked(batch: int, lean_onnx: Path, tmp_path: Pa
     # input; onnxruntime's own graph also reorders every branch output and some shortcuts
     assert ours["nchwc:ReorderOutput"] == SITES + 1
     assert theirs["nchwc:ReorderOutput"] >= 2 * SITES + 1
-    depthwise = [n for n in compiled.graph.node if n.domain == NCHWC and n.op_type == "Conv"
-                 and n.name.startswith("fxattn_ort_cpu.")]
-    groups = sorted(onnx.helper.get_attribute_value(a) for n in depthwise for a in n.attribute
-                    if a.name == "group")
-    assert groups == sorted(batch * c for c in (64, 64, 128, 128, 256, 256))
+    depthwise = _rewritten_convs(compiled, "Conv")
+    assert sorted(_group(n) for n in depthwise) == sorted(
+        batch * c for c in (64, 64, 128, 128, 256, 256))
     assert all(len(n.input) == 4 and n.input[3] for n in depthwise)  # the residual is fused
+
+
+@pytest.mark.skipif(not BLOCKED, reason="onnxruntime has no blocked layout on this CPU")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_folded_sites_run_the_scaled_convolution_in_place_of_the_original(
+        batch: int, lean_onnx: Path, tmp_path: Path) -> None:
+    """Where ``h`` is folded, the convolution that made the activation is gone: one blocked
+    convolution (one group per image) with the scaled weights and bias sums the residual, and a
+    depthwise pass over the weights (viewed as a ``(1, B*O, 1, I)`` image) scales them."""
+    theirs = _ops(_onnxruntime_graph(lean_onnx, batch, tmp_path))
+    out = tmp_path / "lean.ort-cpu.onnx"
+    report = fxattn.compile_ort_cpu(lean_onnx, out, batch_size=batch)
+    compiled = onnx.load(str(out))
+    ours = _ops(compiled)
+    assert report.folded == FOLDED and ours["nchwc:ReorderInput"] == 0
+    # each site adds one convolution: a depthwise one, or the weights' scaling (the scaled
+    # convolution replaces onnxruntime's)
+    assert ours["nchwc:Conv"] == theirs["nchwc:Conv"] + SITES
+    fused = _rewritten_convs(compiled, "Conv")
+    scalings = _rewritten_convs(compiled, "ScaleWeights")
+    assert sorted(_group(n) for n in fused) == sorted(
+        [batch] * FOLDED + [batch * 256] * (SITES - FOLDED))
+    assert sorted(_group(n) for n in scalings) == sorted(batch * c for c in (64, 64, 128, 128))
+    assert all(len(n.input) == 4 and n.input[3] for n in fused)  # the residual is fused
+    folded = [n for n in fused if _group(n) == batch]
+    assert all(n.input[2] for n in folded)  # the batch norm's bias, scaled by h
+    initializers = {init.name for init in compiled.graph.initializer}
+    assert not any(n.input[1] in initializers for n in folded)  # the weights are computed
+
+
+def _rewritten_convs(model: onnx.ModelProto, step: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == NCHWC and n.op_type == "Conv"
+            and n.name.startswith("fxattn_ort_cpu.") and n.name.endswith(f"/{step}")]
+
+
+def _group(node: onnx.NodeProto) -> int:
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group")
 
 
 @pytest.mark.parametrize("kind", ["original", "ssia-only"])
@@ -202,6 +254,10 @@ def test_cli_compile(lean_onnx: Path, tmp_path: Path,
     assert "DIA multiplies fused into blocked convolutions" in capsys.readouterr().out
     data = json.loads(report.read_text())
     assert data["batch_size"] == 1 and data["dia_multiplies"] == SITES and out.exists()
+    assert data["folded"] == (FOLDED if BLOCKED else 0)
+    assert main(["compile", str(lean_onnx), "-o", str(out), "--batch", "1", "--json",
+                 str(report), "--no-fold-weights"]) == 0
+    assert json.loads(report.read_text())["folded"] == 0
     assert main(["compile", str(tmp_path / "nope.onnx"), "-o", str(out), "--batch", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fxattn: error:") and "export the model" in err[0]
