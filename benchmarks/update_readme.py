@@ -26,6 +26,10 @@ SECTIONS: list[tuple[str, str, str | None]] = [
      "dia_vs_handwritten.md", None),
     ("The same with onnxruntime's default spinning threads", "dia_vs_handwritten_spinning.md",
      None),
+    ("Low-precision DIA weights, compiled (target 2; onnxruntime CPU, no spinning)",
+     "dia_lowp.md", None),
+    ("Low-precision DIA weights, compiled, with onnxruntime's default spinning threads",
+     "dia_lowp_spinning.md", None),
     ("DIA across backbone families", "families.md", None),
     ("Zoo coverage", "zoo.md", "Summary"),
 ]

@@ -44,6 +44,12 @@ exporter's name scopes ``fxattn_dia.*``), so a model without DIA is left byte fo
     ResNet-50 (2-core CPU, 224x224) it measured slower in every run of
     ``benchmarks/dia_vs_handwritten.py`` - the extra convolution costs more than the Add and
     ReLU it fuses.
+``token_pool``
+    DIA's mean over the tokens of a ``(B, N, C)`` activation (a ViT's), ``ReduceMean(A,
+    axes=[1])``, -> ``MatMul(ones(1, N) / N, A)``: onnxruntime's ``ReduceMean`` over a middle
+    axis is a slow loop (~60 us for ViT-S/16's 197 x 384 tokens on a 2-core AVX-512 Xeon, a
+    matrix-vector product ~10 us), and ViT-S/16 has 24 DIA sites. Exact up to float
+    reordering (the sum of ``a_i / N`` instead of ``sum(a_i) / N``).
 ``fold_initial_state``
     :func:`fxattn.lowp.fold_initial_state`: at the first site of every group ``h = c = 0``, so
     the hidden path there is a constant row and ``f * c`` vanishes; fewer matrix bytes read.
@@ -84,6 +90,7 @@ class OnnxOptimize:
     pool_before_conv: bool = True
     blocked_scale: bool = False  # measured slower: opt-in
     fused_residual: bool = False  # measured slower, and needs blocked_scale: opt-in
+    token_pool: bool = True
     fold_initial_state: bool = True
 
     def __post_init__(self) -> None:
@@ -201,6 +208,23 @@ def _is_spatial_mean(node: Any, shapes: dict, consts: dict) -> bool:
     return axes is not None and sorted(int(a) % 4 for a in np.ravel(axes)) == [2, 3]
 
 
+def _token_count(node: Any, shapes: dict, consts: dict) -> int | None:
+    """N when ``node`` is a ``ReduceMean`` over the token axis of a ``(..., N, C)`` tensor with
+    a static N (the axis before the last one), else ``None``."""
+    rank = len(shapes.get(node.input[0], []))
+    if node.op_type != "ReduceMean" or rank < 3:
+        return None
+    if len(node.input) > 1 and node.input[1]:
+        axes = consts.get(node.input[1])
+    else:  # opset < 18: axes attribute
+        axes = node_attr(node, "axes")
+    tokens = shapes[node.input[0]][-2]
+    if axes is None or [int(a) % rank for a in np.ravel(axes)] != [rank - 2] \
+            or not isinstance(tokens, int) or tokens < 1:
+        return None
+    return tokens
+
+
 def _is_pointwise_conv(node: Any, shapes: dict, consts: dict) -> bool:
     """A 1x1, stride-1, unpadded, ungrouped ``Conv`` with constant weights (and bias)."""
     if node.op_type != "Conv" or node.input[1] not in consts:
@@ -270,6 +294,39 @@ def pool_before_conv(model: Any, shapes: dict, consts: dict) -> int:
         if flat:
             nodes += _scoped(node, onnx.helper.make_node("Flatten", [conv_out], [out], axis=1,
                                                          name=f"{node.name}/fxattn_flat"))
+        count += 1
+    _replace_nodes(model, nodes)
+    return count
+
+
+def token_pool(model: Any, shapes: dict, consts: dict) -> int:
+    """DIA's ``ReduceMean`` over the tokens of ``(..., N, C)`` -> ``MatMul(ones(1, N) / N, A)``
+    (+ ``Squeeze`` of the token axis when not keepdims)."""
+    import onnx
+
+    float32 = {info.name for info in (*model.graph.value_info, *model.graph.input)
+               if info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+    nodes, count = [], 0
+    for node in model.graph.node:
+        tokens = _token_count(node, shapes, consts) if in_dia(node) else None
+        if tokens is None or node.input[0] not in float32:
+            nodes.append(node)
+            continue
+        weights = _constant(model, f"fxattn_token_mean_{tokens}",
+                            np.full((1, tokens), 1.0 / tokens, np.float32))
+        keepdims = node_attr(node, "keepdims", 1)
+        pooled = node.output[0] if keepdims else f"{node.output[0]}__tokens"
+        nodes += _scoped(node, onnx.helper.make_node("MatMul", [weights, node.input[0]],
+                                                     [pooled], name=f"{node.name}/fxattn_tokens"))
+        if not keepdims:
+            axis = len(shapes[node.input[0]]) - 2
+            squeeze = (onnx.helper.make_node("Squeeze", [pooled, _constant(
+                model, f"fxattn_axis_{axis}", np.array([axis], np.int64))], [node.output[0]],
+                name=f"{node.name}/fxattn_squeeze") if opset >= 13 else onnx.helper.make_node(
+                "Squeeze", [pooled], [node.output[0]], axes=[axis],
+                name=f"{node.name}/fxattn_squeeze"))
+            nodes += _scoped(node, squeeze)
         count += 1
     _replace_nodes(model, nodes)
     return count
@@ -412,6 +469,8 @@ def optimize_model(model: Any, options: OnnxOptimize | None = None) -> OptimizeR
         report.counts["blocked_scale"] = blocked_scale(model, shapes, consts)
     if options.fused_residual:
         report.counts["fused_residual"] = fused_residual(model, shapes, consts)
+    if options.token_pool:
+        report.counts["token_pool"] = token_pool(model, shapes, consts)
     if options.fold_initial_state:
         report.counts["fold_initial_state"] = fold_initial_state(model, check=False,
                                                                   seeds=in_dia)
