@@ -242,7 +242,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .ort_cpu import compile_ort_cpu
 
     report = compile_ort_cpu(args.model, args.output, args.batch,
-                             fold_weights=args.fold_weights, verify=not args.no_verify,
+                             fold_weights=args.fold_weights, drop_copies=args.drop_copies,
+                             verify=not args.no_verify,
                              overwrite=args.force)
     print(report)
     if args.json:
@@ -343,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-weights", action=argparse.BooleanOptionalAction, default=True,
                    help="fold h into the weights of the convolution before DIA's multiply "
                         "where that reads fewer bytes (default: yes)")
+    p.add_argument("--drop-copies", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop onnxruntime's layout copies of DIA's small vectors (bit-exact; "
+                        "default: yes)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the check against the portable model in onnxruntime")
     p.add_argument("--json", help="also write the report as JSON to this file")

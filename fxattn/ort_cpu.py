@@ -32,6 +32,12 @@ its weights and bias scaled by ``h`` (``Conv(z, W * h, b * h) = Conv(z, W, b) * 
 float reordering) and sums the residual itself, and ``A`` is never written. Scaling the weights
 is one blocked depthwise pass over them, done only where they are smaller than ``A``.
 
+``drop_copies`` (on by default) drops the layout copies onnxruntime makes of DIA's small
+vectors: the ``ReorderOutput`` of each pooled ``(B, C, 1, 1)`` activation whose channels fill
+the blocks (a 1x1 blocked image has the bytes of its NCHW form) and the ``Unsqueeze`` of each
+``h`` (the filter reshape reads ``(B, C)`` as well). Bit-exact; a few microseconds a node, which
+is what DIA's small vectors cost on small models.
+
 The result is onnxruntime-specific: it holds ``com.microsoft.nchwc`` operators, whose weights were
 laid out for this CPU's block size, so it runs only in onnxruntime's CPU provider on a CPU of the
 same kind (onnxruntime says the same of any model it saved with layout optimisations). Keep the
@@ -87,6 +93,7 @@ class OrtCpuReport:
     dia_multiplies: int  # DIA multiplies in the portable model
     fused: int  # of them, rewritten as a blocked convolution
     folded: int = 0  # of those, folded into the weights of the convolution before them
+    copies_dropped: int = 0  # layout copies of DIA's vectors dropped (bit-exact)
     skipped: dict[str, str] = field(default_factory=dict)  # multiply -> why it was left alone
     nodes: dict[str, int] = field(default_factory=dict)  # onnxruntime's graph, then compiled
     max_abs_error: float | None = None  # compiled vs portable model in onnxruntime
@@ -102,6 +109,8 @@ class OrtCpuReport:
                  f"{self.dia_multiplies}"
                  + (f" ({self.folded} folded into the weights of the convolution before them)"
                     if self.folded else "")]
+        if self.copies_dropped:
+            lines.append(f"layout copies of DIA's vectors dropped: {self.copies_dropped}")
         lines += [f"  left as onnxruntime made it: {name} ({why})"
                   for name, why in self.skipped.items()]
         if self.nodes:
@@ -217,6 +226,12 @@ def channel_multiplies(model: Any) -> dict[str, ChannelMultiply]:
     return found
 
 
+def dia_tensors(model: Any) -> set[str]:
+    """The tensors DIA's nodes make in the portable model (by name scope ``fxattn_dia.*``);
+    onnxruntime keeps those names for the nodes it does not fuse."""
+    return {out for node in model.graph.node if in_dia(node) for out in node.output}
+
+
 # --------------------------------------------------------------------------- the rewrite
 
 
@@ -249,7 +264,8 @@ def _reorder_output_channels(node: Any) -> int | None:
 
 
 def fuse_dia_multiplies(model: Any, multiplies: dict[str, ChannelMultiply], batch_size: int,
-                        block_size: int, *, fold_weights: bool = True) -> FuseCounts:
+                        block_size: int, *, fold_weights: bool = True,
+                        dia_names: set[str] | None = None) -> FuseCounts:
     """Rewrite each DIA multiply of onnxruntime's graph ``model`` (in place) as a blocked
     convolution, with the residual add and ReLU after it when there are.
 
@@ -261,8 +277,13 @@ def fuse_dia_multiplies(model: Any, multiplies: dict[str, ChannelMultiply], batc
     the blocked layout's last block get zero scales. A multiply whose activation onnxruntime
     does not run blocked (after a squeeze-excitation's own multiply, say, which DIA's pool
     reads too) is left alone.
+
+    With ``dia_names`` (:func:`dia_tensors` of the portable model), the layout copies
+    onnxruntime makes of DIA's small vectors are dropped too (see
+    :meth:`_Fuser.drop_vector_reorders`).
     """
-    fuser = _Fuser(model, multiplies, batch_size, block_size, fold_weights)
+    fuser = _Fuser(model, multiplies, batch_size, block_size, fold_weights,
+                   drop_copies=dia_names is not None)
     present = {node.name for node in model.graph.node}
     counts = FuseCounts()
     counts.skipped = {name: "onnxruntime fused it into another node"
@@ -277,6 +298,9 @@ def fuse_dia_multiplies(model: Any, multiplies: dict[str, ChannelMultiply], batc
                 counts.folded += how == "folded"
             else:
                 counts.skipped[node.name] = how
+    if dia_names is not None:
+        fuser.drop_vector_reorders(dia_names)
+    counts.copies_dropped = fuser.copies_dropped
     fuser.finish()
     return counts
 
@@ -287,6 +311,7 @@ class FuseCounts:
 
     fused: int = 0  # DIA multiplies rewritten as blocked convolutions
     folded: int = 0  # of them, folded into the weights of the convolution before them
+    copies_dropped: int = 0  # layout copies of DIA's vectors (reorders, unsqueezes) dropped
     skipped: dict[str, str] = field(default_factory=dict)  # multiply -> why it was left alone
 
 
@@ -313,9 +338,11 @@ class _Fuser:
     """
 
     def __init__(self, model: Any, multiplies: dict[str, ChannelMultiply], batch_size: int,
-                 block_size: int, fold_weights: bool = True) -> None:
+                 block_size: int, fold_weights: bool = True, drop_copies: bool = False) -> None:
         self.model, self.batch_size, self.block_size = model, batch_size, block_size
-        self.multiplies, self.fold_weights = multiplies, fold_weights
+        self.multiplies, self.fold_weights, self.drop_copies = multiplies, fold_weights, \
+            drop_copies
+        self.copies_dropped = 0
         self.graph = _Graph(model.graph)
         self.weights = {init.name: list(init.dims) for init in model.graph.initializer}
         self.blocked: dict[str, str] = {}  # NCHW tensor -> the same tensor, blocked
@@ -356,6 +383,8 @@ class _Fuser:
             new.append(helper.make_node("Pad", [scale, pads], [f"{prefix}.scale_padded"],
                                         name=f"{prefix}/PadScale"))
             scale = f"{prefix}.scale_padded"
+        else:
+            scale = self._without_unsqueeze(scale, node)
         new.append(helper.make_node("Reshape", [scale, self.constant(f"{NODE_PREFIX}filter",
                                                                      [-1, 1, 1, 1])],
                                     [f"{prefix}.w"], name=f"{prefix}/ReshapeW"))
@@ -483,6 +512,44 @@ class _Fuser:
             inputs.append("")
         return inputs
 
+    def _without_unsqueeze(self, scale: str, node: Any) -> str:
+        """``h`` before the ``Unsqueeze`` that made the ``(B, C, 1, 1)`` scale, when only this
+        multiply reads it: the filter reshape reads ``(B, C)`` as well, one copy fewer."""
+        unsqueeze = self.graph.producer.get(scale)
+        if not self.drop_copies or unsqueeze is None or unsqueeze.op_type != "Unsqueeze" \
+                or unsqueeze.domain or self.graph.users.get(scale, []) != [node] \
+                or scale in self.graph.outputs:
+            return scale
+        self.copies_dropped += 1
+        return unsqueeze.input[0]
+
+    def drop_vector_reorders(self, dia_names: set[str]) -> None:
+        """Drop each ``ReorderOutput`` that brings one of DIA's ``(B, C, 1, 1)`` vectors (a
+        pooled activation) out of the blocked layout when ``C`` fills its blocks: the blocked
+        layout of a 1x1 image, ``[B][C/b][1][1][b]``, is ``[B][C]``, the same bytes in the same
+        order, so the reorder is a copy (bit-exact)."""
+        for node in self.model.graph.node:
+            channels = _reorder_output_channels(node)
+            if channels is None or node.output[0] not in dia_names or channels % self.block_size \
+                    or node.output[0] in self.graph.outputs or id(node) in self.removed \
+                    or not self._one_pixel(node.input[0]):
+                continue
+            self.removed.add(id(node))
+            self.renamed[node.output[0]] = node.input[0]
+            self.copies_dropped += 1
+
+    def _one_pixel(self, tensor: str) -> bool:
+        """Whether a blocked tensor is 1x1: a global pool's output, or an unpadded 1x1
+        convolution's of a 1x1 input (the exporter's pooled convolution)."""
+        node = self.graph.producer.get(tensor)
+        if node is None or node.domain != NCHWC:
+            return False
+        if node.op_type == "GlobalAveragePool":
+            return True
+        return (node.op_type == "Conv" and list(node_attr(node, "kernel_shape", [])) == [1, 1]
+                and not any(node_attr(node, "pads", [0, 0, 0, 0]))
+                and self._one_pixel(node.input[0]))
+
     def _operands(self, node: Any) -> tuple[str, str]:
         """A channel multiply's (activation, scale), as the portable model said."""
         k = self.multiplies[node.name].scale_input
@@ -524,15 +591,18 @@ class _Fuser:
 
 
 def compile_ort_cpu(onnx_path: str | Path, output_path: str | Path, batch_size: int, *,
-                    fold_weights: bool = True, verify: bool = True, overwrite: bool = True,
-                    seed: int = 0) -> OrtCpuReport:
+                    fold_weights: bool = True, drop_copies: bool = True, verify: bool = True,
+                    overwrite: bool = True, seed: int = 0) -> OrtCpuReport:
     """Compile the lean ONNX model at ``onnx_path`` for onnxruntime's CPU provider.
 
     The model's batch dimension becomes ``batch_size``; onnxruntime optimises it as it would at
     session start; each DIA multiply (with the residual add and ReLU after it) becomes one
     blocked depthwise convolution (see the module docstring) or, with ``fold_weights`` (the
     default) and where it reads fewer bytes, is folded into the weights of the convolution that
-    made its activation. With ``verify`` (the default) the
+    made its activation. With ``drop_copies`` (the default) the layout copies onnxruntime makes
+    of DIA's small vectors (the reorder of each pooled activation whose channels fill the
+    blocks, the unsqueeze of each ``h``) are dropped: same bytes, bit-exact. With ``verify``
+    (the default) the
     compiled model is run against the portable one in onnxruntime on a random batch and must
     agree within fxattn's default tolerance (``|a - b| <= 1e-6 + 1e-5 |b|``; int8's where DIA's
     low-precision matrices quantise their input at run time), else
@@ -560,6 +630,7 @@ def compile_ort_cpu(onnx_path: str | Path, output_path: str | Path, batch_size: 
     except Exception as exc:  # noqa: BLE001 - onnx's own failure, in one line
         raise ExportError(f"{source} is not a readable ONNX model: {first_line(exc)}") from exc
     multiplies = channel_multiplies(model)
+    dia_names = dia_tensors(model) if drop_copies else None
     _fix_batch(model, batch_size)
     block = nchwc_block_size()
     with tempfile.TemporaryDirectory(prefix="fxattn-ort-cpu-") as folder:
@@ -574,10 +645,11 @@ def compile_ort_cpu(onnx_path: str | Path, output_path: str | Path, batch_size: 
         compiled = onnx.load(str(optimized))
         before = len(compiled.graph.node)
         counts = fuse_dia_multiplies(compiled, multiplies, batch_size, block,
-                                     fold_weights=fold_weights)
+                                     fold_weights=fold_weights, dia_names=dia_names)
         report = OrtCpuReport(path=str(target), batch_size=batch_size, block_size=block,
                               dia_multiplies=sum(found.dia for found in multiplies.values()),
-                              fused=counts.fused, folded=counts.folded, skipped=counts.skipped,
+                              fused=counts.fused, folded=counts.folded,
+                              copies_dropped=counts.copies_dropped, skipped=counts.skipped,
                               nodes={"onnxruntime": before, "compiled": len(compiled.graph.node)})
         import onnxruntime as ort
 

@@ -103,7 +103,8 @@ def test_every_dia_block_stays_blocked(batch: int, lean_onnx: Path, tmp_path: Pa
     separate Mul, Add and Relu); the compiled one runs each as one blocked depthwise conv."""
     theirs = _ops(_onnxruntime_graph(lean_onnx, batch, tmp_path))
     out = tmp_path / "lean.ort-cpu.onnx"
-    fxattn.compile_ort_cpu(lean_onnx, out, batch_size=batch, fold_weights=False)
+    fxattn.compile_ort_cpu(lean_onnx, out, batch_size=batch, fold_weights=False,
+                           drop_copies=False)
     compiled = onnx.load(str(out))
     ours = _ops(compiled)
     assert theirs["nchwc:ReorderInput"] >= SITES - 3 and ours["nchwc:ReorderInput"] == 0
@@ -145,6 +146,23 @@ def test_folded_sites_run_the_scaled_convolution_in_place_of_the_original(
     assert all(n.input[2] for n in folded)  # the batch norm's bias, scaled by h
     initializers = {init.name for init in compiled.graph.initializer}
     assert not any(n.input[1] in initializers for n in folded)  # the weights are computed
+
+
+@pytest.mark.skipif(not BLOCKED, reason="onnxruntime has no blocked layout on this CPU")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_layout_copies_of_dia_vectors_are_dropped_bit_exactly(batch: int, lean_onnx: Path,
+                                                              tmp_path: Path) -> None:
+    """The reorder of each pooled vector (a 1x1 blocked image with full blocks has the bytes of
+    its NCHW form) and the unsqueeze of each h go; the outputs are bit for bit the same."""
+    kept, dropped = tmp_path / "kept.onnx", tmp_path / "dropped.onnx"
+    assert fxattn.compile_ort_cpu(lean_onnx, kept, batch, drop_copies=False).copies_dropped == 0
+    report = fxattn.compile_ort_cpu(lean_onnx, dropped, batch)
+    assert report.copies_dropped == 2 * SITES  # 64, 128 and 256 channels fill 8 or 16 blocks
+    before, after = _ops(onnx.load(str(kept))), _ops(onnx.load(str(dropped)))
+    assert before["nchwc:ReorderOutput"] == SITES + 1 and after["nchwc:ReorderOutput"] == 1
+    assert after[":Unsqueeze"] == before[":Unsqueeze"] - SITES
+    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(_run(dropped, x), _run(kept, x))
 
 
 def _rewritten_convs(model: onnx.ModelProto, step: str) -> list[onnx.NodeProto]:
