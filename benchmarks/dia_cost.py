@@ -102,7 +102,7 @@ def _target3(lean: str, acc: CostAccount | None) -> list[str]:
              f"{acc.multiple:.2f}x -> {'met' if acc.multiple <= 2 else 'not met'}"]
     if acc.multiple_of_limit is not None and acc.traffic_limit_ms is not None:
         lines.append(f"  - against DIA's traffic limit (its matrices + one extra write "
-                     f"and read of every branch output, what no graph can beat): "
+                     f"and read of every branch output, what no graph that writes them can beat): "
                      f"{acc.traffic_limit_ms:.2f} ms, added = {acc.multiple_of_limit:.2f}x")
     return lines
 

@@ -296,7 +296,8 @@ class BenchmarkResult:
             f"{bandwidth:.1f} GB/s (tensor copy, measured in this run); lower bound = (DIA "
             "matrix bytes + extra activation bytes) / bandwidth; traffic limit = (DIA matrix "
             "bytes + one extra write and read of every branch output) / bandwidth, what no "
-            "graph of DIA can beat; added = p50 - p50 of "
+            "graph that writes DIA's branch outputs can beat (a compiled model that folds h "
+            "into a convolution's weights writes fewer); added = p50 - p50 of "
             f"{self.baseline}.", "",
             "| model | batch | DIA matrices MB/run | MB/image | extra activation MB/run | "
             "extra ops in onnxruntime's graph | lower bound ms | added ms | multiple | "

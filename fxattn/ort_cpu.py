@@ -79,8 +79,11 @@ from .verify import element_ratios
 
 NCHWC = "com.microsoft.nchwc"
 METADATA_KEY = "fxattn.ort_cpu"
-#: the names of the nodes the rewrite adds (the cost account counts them as activation passes)
+#: the names of the nodes the rewrite adds (the cost account counts them as activation passes,
+#: but for reshapes, which are views, and the scaled convolutions, which replace the original's)
 NODE_PREFIX = "fxattn_ort_cpu."
+#: the step name of a convolution run with ``h`` folded into its weights
+SCALED_CONV = "ScaledConv"
 
 
 @dataclass
@@ -422,7 +425,8 @@ class _Fuser:
             conv_attributes["activation"] = "Relu"
         out_blocked = f"{result}.blocked"
         conv_out = out_blocked if self.batch_size == 1 else f"{prefix}.y"
-        new.append(helper.make_node("Conv", conv_inputs, [conv_out], name=f"{prefix}/Conv",
+        step = SCALED_CONV if producer is not None else "Conv"
+        new.append(helper.make_node("Conv", conv_inputs, [conv_out], name=f"{prefix}/{step}",
                                     domain=NCHWC, group=group, **conv_attributes))
         if self.batch_size > 1:  # back to B images
             unflat = self.constant(f"{NODE_PREFIX}unflat{padded}", [-1, padded, 0, 0])

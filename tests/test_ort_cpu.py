@@ -136,7 +136,7 @@ def test_folded_sites_run_the_scaled_convolution_in_place_of_the_original(
     # each site adds one convolution: a depthwise one, or the weights' scaling (the scaled
     # convolution replaces onnxruntime's)
     assert ours["nchwc:Conv"] == theirs["nchwc:Conv"] + SITES
-    fused = _rewritten_convs(compiled, "Conv")
+    fused = _rewritten_convs(compiled, "Conv") + _rewritten_convs(compiled, "ScaledConv")
     scalings = _rewritten_convs(compiled, "ScaleWeights")
     assert sorted(_group(n) for n in fused) == sorted(
         [batch] * FOLDED + [batch * 256] * (SITES - FOLDED))
