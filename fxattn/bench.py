@@ -618,7 +618,8 @@ def _compile_variants(onnx_files: dict[str, Path], models: dict[str, ModelEntry]
             report = compile_ort_cpu(onnx_files[source], path, int(batch))
             batch_files.setdefault(int(batch), {})[name] = path
             seconds.append(report.seconds)
-            fused.add(f"{report.fused} of {report.dia_multiplies}")
+            fused.add(f"{report.fused} of {report.dia_multiplies}"
+                      + (f" ({report.folded} folded into weights)" if report.folded else ""))
         models[name] = ModelEntry(
             name, models[source].parameters, onnx_nodes=report.nodes["compiled"],
             onnx_mb=models[source].onnx_mb, export_seconds=max(seconds),
