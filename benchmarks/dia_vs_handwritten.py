@@ -79,7 +79,8 @@ REFERENCES = ("original", "original-twin", "hand-dia", "hand-dia-ort-cpu")
 VARIANT_NOTES = {
     "lean-ort-cpu": "is `lean` compiled for onnxruntime's CPU provider at the batch size "
                     "(`fxattn.compile_ort_cpu`: DIA's multiply, residual add and ReLU as one "
-                    "blocked depthwise convolution)",
+                    "blocked depthwise convolution, or folded into the weights of the "
+                    "convolution before it where DIA's pool reads that convolution's input)",
     "lean-scale": "is `lean` with the opt-in `blocked_scale` rewrite",
     "lean-fuse": "is `lean-scale` with the opt-in `fused_residual` rewrite too",
     "lean-noopt": "is exported with `optimize=False` (no rewrite)",
@@ -111,7 +112,8 @@ def compile_files(files: dict[str, Path], folder: Path, batch: int) -> dict[str,
     for name, source in COMPILED.items():
         compiled[name] = folder / f"{name}.b{batch}.onnx"
         report = fxattn.compile_ort_cpu(files[source], compiled[name], batch_size=batch)
-        print(f"{name}: {report.fused} of {report.dia_multiplies} DIA multiplies fused, "
+        print(f"{name}: {report.fused} of {report.dia_multiplies} DIA multiplies fused "
+              f"({report.folded} folded into weights), "
               f"max abs error {report.max_abs_error:.1e}", flush=True)
     return compiled
 
