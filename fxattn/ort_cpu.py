@@ -266,6 +266,16 @@ def _reorder_output_channels(node: Any) -> int | None:
     return int(node_attr(node, "channels", 0)) or None
 
 
+@dataclass
+class FuseCounts:
+    """What :func:`fuse_dia_multiplies` did."""
+
+    fused: int = 0  # DIA multiplies rewritten as blocked convolutions
+    folded: int = 0  # of them, folded into the weights of the convolution before them
+    copies_dropped: int = 0  # layout copies of DIA's vectors (reorders, unsqueezes) dropped
+    skipped: dict[str, str] = field(default_factory=dict)  # multiply -> why it was left alone
+
+
 def fuse_dia_multiplies(model: Any, multiplies: dict[str, ChannelMultiply], batch_size: int,
                         block_size: int, *, fold_weights: bool = True,
                         dia_names: set[str] | None = None) -> FuseCounts:
@@ -306,16 +316,6 @@ def fuse_dia_multiplies(model: Any, multiplies: dict[str, ChannelMultiply], batc
     counts.copies_dropped = fuser.copies_dropped
     fuser.finish()
     return counts
-
-
-@dataclass
-class FuseCounts:
-    """What :func:`fuse_dia_multiplies` did."""
-
-    fused: int = 0  # DIA multiplies rewritten as blocked convolutions
-    folded: int = 0  # of them, folded into the weights of the convolution before them
-    copies_dropped: int = 0  # layout copies of DIA's vectors (reorders, unsqueezes) dropped
-    skipped: dict[str, str] = field(default_factory=dict)  # multiply -> why it was left alone
 
 
 class _Fuser:
