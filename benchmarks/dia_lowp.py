@@ -48,7 +48,7 @@ from fxattn.lowp import apply_dia_weights
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from dia_vs_handwritten import BOOTSTRAP, time_blocks  # noqa: E402
+from dia_vs_handwritten import BOOTSTRAP, resampled, time_blocks  # noqa: E402
 
 TARGET = 0.12
 BASELINE = "original-ort-cpu"
@@ -97,13 +97,9 @@ def statistics(samples: dict[str, list[list[float]]], seed: int = 0) -> dict[str
         base = np.median(values[BASELINE])
         return {n: float(np.median(v) / base - 1) for n, v in values.items()}
 
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {n: [] for n in arrays}
-    for _ in range(BOOTSTRAP):
-        block_rows = rng.integers(0, blocks, blocks)[:, None]
-        round_rows = rng.integers(0, rounds, (blocks, rounds))
-        for name, value in overheads({n: v[block_rows, round_rows]
-                                      for n, v in arrays.items()}).items():
+    for sample in resampled(arrays, seed):
+        for name, value in overheads(sample).items():
             draws[name].append(value)
     point = overheads(arrays)
     out: dict[str, Any] = {"blocks": blocks, "rounds_per_block": rounds,

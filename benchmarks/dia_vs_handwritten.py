@@ -43,6 +43,7 @@ import random
 import shlex
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,18 @@ def variants_in(samples: dict[str, Any]) -> list[str]:
     return sorted((n for n in samples if n not in REFERENCES), key=lambda n: (n != "lean", n))
 
 
+def resampled(arrays: dict[str, np.ndarray], seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """``BOOTSTRAP`` two-level resamples of ``(blocks, rounds)`` samples: blocks drawn with
+    replacement, then rounds within each drawn block, the same draw for every file (a round's
+    samples stay together, so the interleaving's pairing is kept)."""
+    rng = np.random.default_rng(seed)
+    blocks, rounds = next(iter(arrays.values())).shape
+    for _ in range(BOOTSTRAP):
+        block_rows = rng.integers(0, blocks, blocks)[:, None]
+        round_rows = rng.integers(0, rounds, (blocks, rounds))
+        yield {n: v[block_rows, round_rows] for n, v in arrays.items()}
+
+
 def share_statistics(samples: dict[str, list[list[float]]], seed: int = 0) -> dict[str, Any]:
     """Overheads, the shares of each fxattn variant's overhead in hand-dia's, each variant's
     latency relative to ``lean``, and their 95% two-level bootstrap intervals (blocks, then
@@ -164,16 +177,13 @@ def share_statistics(samples: dict[str, list[list[float]]], seed: int = 0) -> di
     arrays = {n: np.asarray(v) for n, v in samples.items()}  # (blocks, rounds)
     blocks, rounds = arrays["original"].shape
     point = overheads(arrays)
-    rng = np.random.default_rng(seed)
     shared = variants_in(arrays)
     others = [n for n in shared if n != "lean"]
     draws: dict[str, list[float]] = {name: [] for name in (*shared, "original-twin")}
     ratio_draws: dict[str, list[float]] = {name: [] for name in others}
     static_draws: list[float] = []
-    for _ in range(BOOTSTRAP):
-        block_rows = rng.integers(0, blocks, blocks)[:, None]
-        round_rows = rng.integers(0, rounds, (blocks, rounds))
-        over = overheads({n: v[block_rows, round_rows] for n, v in arrays.items()})
+    for sample in resampled(arrays, seed):
+        over = overheads(sample)
         for name in shared:
             draws[name].append(over[name] / over["hand-dia"])
         for name in others:

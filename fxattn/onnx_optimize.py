@@ -197,15 +197,21 @@ def _constants(model: Any) -> dict[str, np.ndarray]:
     return values
 
 
-def _is_spatial_mean(node: Any, shapes: dict, consts: dict) -> bool:
-    """``ReduceMean`` over the two spatial axes of a 4-D tensor."""
-    if node.op_type != "ReduceMean" or len(shapes.get(node.input[0], [])) != 4:
-        return False
+def _reduced_axes(node: Any, rank: int, consts: dict) -> list[int] | None:
+    """The axes a reduction ``node`` of a rank-``rank`` tensor reduces, sorted and
+    non-negative (``None`` when they are not constant)."""
     if len(node.input) > 1 and node.input[1]:
         axes = consts.get(node.input[1])
     else:  # opset < 18: axes attribute
         axes = node_attr(node, "axes")
-    return axes is not None and sorted(int(a) % 4 for a in np.ravel(axes)) == [2, 3]
+    return None if axes is None else sorted(int(a) % rank for a in np.ravel(axes))
+
+
+def _is_spatial_mean(node: Any, shapes: dict, consts: dict) -> bool:
+    """``ReduceMean`` over the two spatial axes of a 4-D tensor."""
+    if node.op_type != "ReduceMean" or len(shapes.get(node.input[0], [])) != 4:
+        return False
+    return _reduced_axes(node, 4, consts) == [2, 3]
 
 
 def _token_count(node: Any, shapes: dict, consts: dict) -> int | None:
@@ -214,13 +220,9 @@ def _token_count(node: Any, shapes: dict, consts: dict) -> int | None:
     rank = len(shapes.get(node.input[0], []))
     if node.op_type != "ReduceMean" or rank < 3:
         return None
-    if len(node.input) > 1 and node.input[1]:
-        axes = consts.get(node.input[1])
-    else:  # opset < 18: axes attribute
-        axes = node_attr(node, "axes")
     tokens = shapes[node.input[0]][-2]
-    if axes is None or [int(a) % rank for a in np.ravel(axes)] != [rank - 2] \
-            or not isinstance(tokens, int) or tokens < 1:
+    if _reduced_axes(node, rank, consts) != [rank - 2] or not isinstance(tokens, int) \
+            or tokens < 1:
         return None
     return tokens
 
@@ -319,14 +321,16 @@ def token_pool(model: Any, shapes: dict, consts: dict) -> int:
         pooled = node.output[0] if keepdims else f"{node.output[0]}__tokens"
         nodes += _scoped(node, onnx.helper.make_node("MatMul", [weights, node.input[0]],
                                                      [pooled], name=f"{node.name}/fxattn_tokens"))
-        if not keepdims:
+        if not keepdims:  # axes are an input from opset 13, an attribute before
             axis = len(shapes[node.input[0]]) - 2
-            squeeze = (onnx.helper.make_node("Squeeze", [pooled, _constant(
-                model, f"fxattn_axis_{axis}", np.array([axis], np.int64))], [node.output[0]],
-                name=f"{node.name}/fxattn_squeeze") if opset >= 13 else onnx.helper.make_node(
-                "Squeeze", [pooled], [node.output[0]], axes=[axis],
-                name=f"{node.name}/fxattn_squeeze"))
-            nodes += _scoped(node, squeeze)
+            inputs, attributes = [pooled], {}
+            if opset >= 13:
+                inputs.append(_constant(model, f"fxattn_axis_{axis}", np.array([axis], np.int64)))
+            else:
+                attributes["axes"] = [axis]
+            nodes += _scoped(node, onnx.helper.make_node(
+                "Squeeze", inputs, [node.output[0]], name=f"{node.name}/fxattn_squeeze",
+                **attributes))
         count += 1
     _replace_nodes(model, nodes)
     return count
