@@ -15,9 +15,21 @@ exporter's name scopes ``fxattn_dia.*``), so a model without DIA is left byte fo
 ``pool_before_conv``
     ``GAP(Conv1x1(x, W, b)) = Conv1x1(GAP(x), W, b)`` (a 1x1, stride-1, unpadded convolution is
     linear per pixel and commutes with the mean): pool the convolution's narrower input instead of
-    its output. Applied only where it reads fewer bytes at batch 1
-    (``(C_out - C_in) * H * W > C_out * C_in``: the activation read saved against the weights read
-    by the pooled convolution), e.g. ResNet-50's first two stages, not its last two.
+    its output. Applied only where it reads fewer bytes at batch 1: alone,
+    ``(C_out - C_in) * H * W > C_out * C_in`` (the activation read saved against the weights read
+    by the pooled convolution; ResNet-50's first two stages, not its last two); with
+    ``compose_first_layer``, which removes the pooled convolution, wherever ``C_in < C_out``.
+``compose_first_layer``
+    After ``pool_before_conv``, DIA's first input-path layer reads the pooled convolution:
+    ``Linear(Conv1x1(GAP(x), Wc, bc), W, b)``, two linear maps in a row, one matrix
+    ``W @ Wc`` (``C/r x C_in``) and one bias ``W @ bc + b`` (computed in float64, stored in
+    float32; float reordering only). Each site gets its own composed matrix in place of the
+    group's shared ``W`` (``C/r x C_out``) and the site's ``Wc`` (``C_out x C_in``), so a run
+    reads ``C_in / C_out`` of the first layer's bytes (a quarter in a bottleneck ResNet) and
+    never the pooled convolution's weights. With it on, ``pool_before_conv`` applies wherever
+    the convolution widens the channels (``C_in < C_out``; the composed matrix then costs less
+    than ``W`` alone), e.g. in all four stages of ResNet-50; its low-precision copy
+    (``dia_weights``) quantises the composed matrix.
 ``blocked_scale``
     ``A * h[:, :, None, None]`` -> ``A * Resize(DepthwiseConv1x1(h, 1))``: a depthwise 1x1
     convolution with weight 1 (an exact copy) brings ``h`` into the blocked layout, a nearest
@@ -73,7 +85,8 @@ DIA_SCOPE = "fxattn_dia."
 #: channel block of onnxruntime's blocked layout: 8 (AVX2) or 16 (AVX-512); 16 is safe for both
 NCHWC_BLOCK = 16
 #: rewrites that act only on what another one made: switching one on needs the others on
-REQUIRES: dict[str, tuple[str, ...]] = {"fused_residual": ("blocked_scale",)}
+REQUIRES: dict[str, tuple[str, ...]] = {"fused_residual": ("blocked_scale",),
+                                         "compose_first_layer": ("pool_before_conv",)}
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,7 @@ class OnnxOptimize:
 
     blocked_pool: bool = True
     pool_before_conv: bool = True
+    compose_first_layer: bool = True
     blocked_scale: bool = False  # measured slower: opt-in
     fused_residual: bool = False  # measured slower, and needs blocked_scale: opt-in
     token_pool: bool = True
@@ -264,11 +278,14 @@ def blocked_pool(model: Any, shapes: dict, consts: dict) -> int:
     return count
 
 
-def pool_before_conv(model: Any, shapes: dict, consts: dict) -> int:
-    """DIA's ``GAP(Conv1x1(x))`` -> ``Conv1x1(GAP(x))`` where that reads fewer bytes."""
+def pool_before_conv(model: Any, shapes: dict, consts: dict, composing: bool = False) -> int:
+    """DIA's ``GAP(Conv1x1(x))`` -> ``Conv1x1(GAP(x))`` where that reads fewer bytes
+    (``composing``: where ``compose_first_layer`` will then fold the pooled convolution into
+    DIA's first layer)."""
     import onnx
 
     producer = {out: node for node in model.graph.node for out in node.output}
+    users = _users(model)
     nodes, count = [], 0
     for node in model.graph.node:
         pool = in_dia(node) and (node.op_type == "GlobalAveragePool"
@@ -278,8 +295,11 @@ def pool_before_conv(model: Any, shapes: dict, consts: dict) -> int:
         if fits:
             c_out, c_in = shapes[conv.input[1]][:2]
             spatial = shapes.get(conv.input[0], [])[2:]
-            fits = (len(spatial) == 2 and all(isinstance(d, int) for d in spatial)
-                    and (c_out - c_in) * spatial[0] * spatial[1] > c_out * c_in)
+            static = len(spatial) == 2 and all(isinstance(d, int) for d in spatial)
+            if composing and _first_layer(node.output[0], users, consts) is not None:
+                fits = c_in < c_out  # the pooled convolution's weights are then never read
+            else:
+                fits = static and (c_out - c_in) * spatial[0] * spatial[1] > c_out * c_in
         if not fits:
             nodes.append(node)
             continue
@@ -299,6 +319,93 @@ def pool_before_conv(model: Any, shapes: dict, consts: dict) -> int:
         count += 1
     _replace_nodes(model, nodes)
     return count
+
+
+def compose_first_layer(model: Any, shapes: dict, consts: dict) -> int:
+    """``Gemm(Flatten(Conv1x1(GAP(x), Wc, bc)), W, b)`` in DIA -> ``Gemm(Flatten(GAP(x)),
+    W @ Wc, W @ bc + b)``: one matrix per site, read instead of ``W`` and ``Wc``."""
+    import onnx
+    from onnx import numpy_helper
+
+    producer = {out: node for node in model.graph.node for out in node.output}
+    users = _users(model)
+    replaced: dict[int, Any] = {}  # id(node) -> its replacement (None: removed)
+    retired: set[str] = set()  # initializers the composed layers no longer read
+    for conv in model.graph.node:
+        gap = producer.get(conv.input[0]) if conv.op_type == "Conv" and in_dia(conv) else None
+        first = (_first_layer(conv.output[0], users, consts)
+                 if gap is not None and gap.op_type == "GlobalAveragePool" and in_dia(gap)
+                 and _is_pointwise_conv(conv, shapes, consts) else None)
+        if first is None or first[0] is None:
+            continue
+        flatten, gemm = first
+        weight = consts[gemm.input[1]].astype(np.float64)
+        weight = weight if node_attr(gemm, "transB", 0) else weight.T  # (C/r, C_out)
+        conv_weight = consts[conv.input[1]].astype(np.float64)[:, :, 0, 0]  # (C_out, C_in)
+        conv_bias, bias = (np.ravel(consts[inputs[2]]).astype(np.float64)
+                           if len(inputs) > 2 and inputs[2] else np.zeros(1)
+                           for inputs in (conv.input, gemm.input))
+        composed = f"{gemm.input[1]}.composed.{conv.input[1]}"
+        model.graph.initializer.extend([
+            numpy_helper.from_array((weight @ conv_weight).astype(np.float32), composed),
+            numpy_helper.from_array((weight.sum(1) * 0 + weight @ np.broadcast_to(
+                conv_bias, conv_weight.shape[:1]) + bias).astype(np.float32),
+                f"{composed}.bias")])
+        retired.update(name for name in [*gemm.input[1:], *conv.input[1:]] if name)
+        flatten.input[0] = gap.output[0]  # the Flatten now reads the pooled input
+        _set_shape(model, flatten.output[0], [shapes.get(flatten.output[0], [None])[0],
+                                              conv_weight.shape[1]])
+        replaced[id(gemm)] = _scoped(gemm, onnx.helper.make_node(
+            "Gemm", [gemm.input[0], composed, f"{composed}.bias"], list(gemm.output), transB=1,
+            name=gemm.name))[0]
+        replaced[id(conv)] = None
+    if replaced:
+        nodes = [replaced.get(id(node), node) for node in model.graph.node]
+        _replace_nodes(model, [node for node in nodes if node is not None])
+        used = {name for node in model.graph.node for name in node.input}
+        keep = [i for i in model.graph.initializer if i.name in used or i.name not in retired]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return len(replaced) // 2
+
+
+def _users(model: Any) -> dict[str, list[Any]]:
+    users: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _first_layer(pooled: str, users: dict, consts: dict) -> tuple[Any, Any] | None:
+    """``(Flatten or None, Gemm)`` when the pooled tensor ``pooled`` is read only by DIA's first
+    layer, a plain ``Gemm`` with constant weights (through a ``Flatten`` of a 4-D pool), and
+    by nothing else: the layer ``compose_first_layer`` can fold a pooled convolution into."""
+    readers = users.get(pooled, [])
+    flatten = None
+    if len(readers) == 1 and readers[0].op_type == "Flatten" \
+            and node_attr(readers[0], "axis", 1) == 1:
+        flatten, readers = readers[0], users.get(readers[0].output[0], [])
+    if len(readers) != 1:
+        return None
+    gemm = readers[0]
+    plain = (gemm.op_type == "Gemm" and in_dia(gemm) and gemm.input[0] == (
+        flatten.output[0] if flatten is not None else pooled)
+        and gemm.input[1] in consts and consts[gemm.input[1]].ndim == 2
+        and (len(gemm.input) < 3 or not gemm.input[2] or gemm.input[2] in consts)
+        and node_attr(gemm, "alpha", 1.0) == 1.0 and node_attr(gemm, "beta", 1.0) == 1.0
+        and not node_attr(gemm, "transA", 0))
+    return (flatten, gemm) if plain else None
+
+
+def _set_shape(model: Any, name: str, dims: list) -> None:
+    """Replace the ``value_info`` of tensor ``name`` (a rewrite changed its shape)."""
+    import onnx
+
+    infos = [info for info in model.graph.value_info if info.name != name]
+    infos.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(infos)
 
 
 def token_pool(model: Any, shapes: dict, consts: dict) -> int:
@@ -464,20 +571,23 @@ def optimize_model(model: Any, options: OnnxOptimize | None = None) -> OptimizeR
     report = OptimizeReport({name: 0 for name in options.to_dict()})
     if not has_dia(model):
         return report
+    if options.fold_initial_state:  # first: its zeros' Shape reads keep pools from composing
+        report.counts["fold_initial_state"] = fold_initial_state(model, check=False,
+                                                                  seeds=in_dia)
     shapes, consts = tensor_shapes(model), _constants(model)
     if options.blocked_pool:
         report.counts["blocked_pool"] = blocked_pool(model, shapes, consts)
     if options.pool_before_conv:
-        report.counts["pool_before_conv"] = pool_before_conv(model, shapes, consts)
+        report.counts["pool_before_conv"] = pool_before_conv(
+            model, shapes, consts, composing=options.compose_first_layer)
+    if options.compose_first_layer:
+        report.counts["compose_first_layer"] = compose_first_layer(model, shapes, consts)
     if options.blocked_scale:
         report.counts["blocked_scale"] = blocked_scale(model, shapes, consts)
     if options.fused_residual:
         report.counts["fused_residual"] = fused_residual(model, shapes, consts)
     if options.token_pool:
         report.counts["token_pool"] = token_pool(model, shapes, consts)
-    if options.fold_initial_state:
-        report.counts["fold_initial_state"] = fold_initial_state(model, check=False,
-                                                                  seeds=in_dia)
     return report
 
 

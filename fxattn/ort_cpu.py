@@ -26,11 +26,12 @@ an attribute). The arithmetic is the same multiply and add per element (onnxrunt
 and the compiled one agree to 0.0 on ResNet-50).
 
 Where DIA's pool reads the narrower input ``z`` of the convolution that made ``A`` (the
-exporter's ``pool_before_conv``, ResNet-50's first two stages) nothing else needs ``A``, so
-``h`` is folded into that convolution instead (``fold_weights``, on by default): it runs with
+exporter's ``pool_before_conv``; all four stages of ResNet-50) nothing else needs ``A``, so
+``h`` can be folded into that convolution instead (``fold_weights``, on by default): it runs with
 its weights and bias scaled by ``h`` (``Conv(z, W * h, b * h) = Conv(z, W, b) * h``, exact up to
 float reordering) and sums the residual itself, and ``A`` is never written. Scaling the weights
-is one blocked depthwise pass over them, done only where they are smaller than ``A``.
+is one blocked depthwise pass over them, done only where they are smaller than ``A``
+(ResNet-50's first two stages).
 
 ``drop_copies`` (on by default) drops the layout copies onnxruntime makes of DIA's small
 vectors: the ``ReorderOutput`` of each pooled ``(B, C, 1, 1)`` activation whose channels fill
@@ -330,8 +331,8 @@ class _Fuser:
       the convolution that made ``A`` is run with its output channels' weights scaled by ``h``
       and sums ``s`` itself, so ``A`` is never written or read back. Scaling the weights is a
       pass over ``W`` per image, so this is done only where ``W`` holds fewer numbers per output
-      channel than ``A`` has pixels (ResNet-50's first two stages, not its last two; there,
-      too, DIA's pool already reads ``z``, not ``A``). onnxruntime stores a blocked filter as
+      channel than ``A`` has pixels (ResNet-50's first two stages, not its last two, whose
+      pools read ``z`` too). onnxruntime stores a blocked filter as
       ``[O/b][I/b][kh][kw][b_i][b_o]`` (the first convolution's as ``[O/b][I][kh][kw][b_o]``):
       in both, the output channel is the outer and innermost index, which is exactly the
       blocked layout of a ``(1, O, 1, I*kh*kw)`` image, so the scaling is itself a blocked

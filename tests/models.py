@@ -61,14 +61,24 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def cifar_dia_lean() -> nn.Module:
+def cifar_dia_lean(random_norms: bool = False) -> nn.Module:
     """The lean DIA model (no SSIA) of a seeded CifarResNet-20: 6 sites, groups of 64, 128 and
-    256 channels, 32x32 input."""
+    256 channels, 32x32 input. ``random_norms``: batch norms that are not the identity, so that
+    the exported (folded) convolutions have biases."""
     import fxattn
 
     torch.manual_seed(0)
     model = CifarResNet(depth=20, num_classes=10).eval()
-    return fxattn.strip_ssia(fxattn.transform(model, torch.randn(2, 3, 32, 32), ssia=False))
+    lean = fxattn.strip_ssia(fxattn.transform(model, torch.randn(2, 3, 32, 32), ssia=False))
+    generator = torch.Generator().manual_seed(1)
+    for module in lean.modules() if random_norms else ():
+        if isinstance(module, nn.BatchNorm2d):
+            for tensor, low, high in ((module.running_mean, -0.5, 0.5),
+                                      (module.running_var, 0.5, 2.0),
+                                      (module.weight.data, 0.5, 1.5),
+                                      (module.bias.data, -0.5, 0.5)):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return lean
 
 
 class DataDependent(nn.Module):

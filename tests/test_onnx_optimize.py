@@ -94,6 +94,12 @@ def test_each_rewrite_alone_is_exact(name: str, lean: torch.nn.Module, plain_onn
     elif name == "pool_before_conv":
         # applies where (C_out - C_in) * H * W > C_out * C_in: stages 1 and 2, not 3 (8x8)
         assert counts[name] == 4
+    elif name == "compose_first_layer":
+        # not at a group's first site, whose zero state reads the pool's shape until
+        # fold_initial_state (off here) removes it; pool_before_conv then applies wherever the
+        # channels widen there, and by its own rule (stages 1 and 2) at the first sites
+        assert counts[name] == SITES - GROUPS and counts["pool_before_conv"] == SITES - 1
+        assert after["Conv"] == before["Conv"] + counts["pool_before_conv"] - counts[name]
     else:  # the hidden path of each group's first site: Gemm, ReLU, Gemm, f*c, c add, zeros
         assert counts[name] > 0 and after["Gemm"] == before["Gemm"] - 2 * GROUPS
     _assert_parity(path, lean)
@@ -107,7 +113,7 @@ def test_all_rewrites_together_are_exact_and_export_onnx_runs_them(
     assert report.max_abs_error <= ATOL
     _assert_parity(tmp_path / "default.onnx", lean)
     counts = _rewritten(plain_onnx, tmp_path, OnnxOptimize())[1]
-    assert counts == {"blocked_pool": 6, "pool_before_conv": 4,
+    assert counts == {"blocked_pool": 6, "pool_before_conv": 6, "compose_first_layer": 6,
                       "blocked_scale": 0, "fused_residual": 0,  # opt-in: measured slower
                       "token_pool": 0,  # no tokens here
                       "fold_initial_state": counts["fold_initial_state"]}
@@ -200,6 +206,7 @@ def test_token_dia_gets_the_token_pool_and_the_state_fold(options: str, tmp_path
     export_onnx(lean, plain, x, optimize=False, verify=False)
     path, counts = _rewritten(plain, tmp_path, ALL if options == "all" else ONLY[options])
     assert counts["blocked_pool"] == counts["blocked_scale"] == counts["pool_before_conv"] == 0
+    assert counts["compose_first_layer"] == 0
     assert counts["fused_residual"] == 0 and counts["token_pool"] == 3
     assert (counts["fold_initial_state"] > 0) == (options == "all")
     before, after = _ops(plain), _ops(path)
@@ -278,3 +285,66 @@ def test_a_rewrite_that_fails_leaves_the_file_as_exported(
     report = optimize_onnx_file(path, OnnxOptimize())
     assert not report.changed and "ValueError: unexpected pattern" in str(report)
     assert path.read_bytes() == plain_onnx.read_bytes()
+
+
+def test_compose_first_layer_reads_one_small_matrix_per_site(tmp_path: Path) -> None:
+    """Each site's pooled pointwise convolution and DIA's shared first layer become one
+    ``(C/r, C_in)`` matrix; convolution biases (batch norms that are not the identity) are
+    carried into its bias; fewer matrix bytes per run; parity with PyTorch."""
+    from fxattn.cost import matrix_bytes
+
+    lean = cifar_dia_lean(random_norms=True)
+    x = torch.randn(2, 3, 32, 32)
+    composed, separate = tmp_path / "composed.onnx", tmp_path / "separate.onnx"
+    report = export_onnx(lean, composed, x)
+    export_onnx(lean, separate, x, optimize=OnnxOptimize(compose_first_layer=False))
+    assert "compose_first_layer 6" in " ".join(report.notes)
+    model = onnx.load(str(composed))
+    producer = {out: node for node in model.graph.node for out in node.output}
+    assert not any(node.op_type == "Conv"
+                   and producer.get(node.input[0], node).op_type == "GlobalAveragePool"
+                   for node in model.graph.node)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    first = sorted(weights[n.input[1]].shape for n in model.graph.node
+                   if n.op_type == "Gemm" and ".composed." in n.input[1])
+    # groups of 64, 128, 256 channels, r = 4; the bottleneck's last convolution reads C / 4
+    assert first == [(16, 16)] * 2 + [(32, 32)] * 2 + [(64, 64)] * 2
+    assert not any(name.startswith("fxattn_dia.") and name.endswith("input_path.0.weight")
+                   for name in weights)  # the shared (C/r, C) matrices are no longer read
+    assert matrix_bytes(composed) < matrix_bytes(separate)
+    _assert_parity(composed, lean)
+    # low-precision copies quantise the composed matrices (export_onnx checks the tolerance)
+    quantised = tmp_path / "int4.onnx"
+    export_onnx(lean, quantised, x, dia_weights="int4")
+    packed = [n for n in onnx.load(str(quantised)).graph.node if n.op_type == "MatMulNBits"
+              and ".composed." in n.input[1]]
+    assert len(packed) == SITES
+
+
+def test_compose_first_layer_leaves_a_narrowing_projection_alone(tmp_path: Path) -> None:
+    """An inverted residual (MobileNetV2's): the branch ends in a 1x1 convolution that narrows
+    the channels, so the composed matrix would be larger than DIA's own: nothing changes."""
+
+    class Inverted(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.blocks = torch.nn.ModuleList(torch.nn.Sequential(
+                torch.nn.Conv2d(16, 64, 1), torch.nn.ReLU(), torch.nn.Conv2d(64, 16, 1))
+                for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            for block in self.blocks:
+                x = x + block(x)
+            return x.mean((2, 3))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    lean = fxattn.strip_ssia(fxattn.transform(Inverted().eval(), x, ssia=False))
+    plain = tmp_path / "inverted.onnx"
+    export_onnx(lean, plain, x, optimize=False, verify=False)
+    path, counts = _rewritten(plain, tmp_path, OnnxOptimize())
+    assert counts["blocked_pool"] == 3
+    assert counts["pool_before_conv"] == counts["compose_first_layer"] == 0
+

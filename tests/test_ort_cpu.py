@@ -37,16 +37,7 @@ BLOCKED = nchwc_block_size() > 0  # onnxruntime blocks convolutions on x86 with 
 def lean() -> torch.nn.Module:
     """The CIFAR lean model with batch norms that are not the identity, so that onnxruntime's
     folded convolutions have biases (which the weight fold scales too)."""
-    model = cifar_dia_lean()
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            for tensor, low, high in ((module.running_mean, -0.5, 0.5),
-                                      (module.running_var, 0.5, 2.0),
-                                      (module.weight.data, 0.5, 1.5),
-                                      (module.bias.data, -0.5, 0.5)):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
-    return model
+    return cifar_dia_lean(random_norms=True)
 
 
 @pytest.fixture(scope="module")
