@@ -10,7 +10,8 @@ precision and leaves every other weight of the model as it was:
     onnxruntime's weight-only block quantiser
     (:class:`onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`): each DIA
     ``MatMul`` becomes a ``com.microsoft.MatMulNBits`` whose weight is stored as 8- or 4-bit
-    integers with one fp32 scale per block of ``block_size`` input rows (symmetric), and is
+    integers with one fp32 scale per block of ``block_size`` input rows (symmetric; 128 by
+    default, :data:`DEFAULT_BLOCK_SIZE`), and is
     dequantised inside the kernel - the matrix is read at 1/4 or 1/8 of its fp32 bytes.
     ``accuracy_level=4`` (the default here) lets the kernel quantise the activation row to int8
     and use integer dot products; without it the int8 kernel dequantises to fp32 and is slower
@@ -49,6 +50,12 @@ from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_
 
 DIA_PREFIX = "fxattn_dia."
 DIA_WEIGHT_MODES = ("fp32", "fp16", "int8", "int4")
+#: rows of a matrix column that share one scale in int8 / int4 (onnxruntime's quantiser's own
+#: default). Blocks of 32 store 0.125 more bytes per weight (fp32 scales: a fifth of int4's
+#: bytes) and a memory-bound int4 matrix-vector product measured ~20% slower with them; no
+#: accuracy effect of 128 against 32 was measured on trained models whose rows span several
+#: blocks (benchmarks/lowp_blocks.py)
+DEFAULT_BLOCK_SIZE = 128
 
 #: verification tolerance per mode, ``|ort - torch| <= atol + rtol * |torch|`` against PyTorch
 #: fp32 (documented in the results). Weight-only quantisation error grows with the scale of the
@@ -160,7 +167,7 @@ def _dedupe_initializers(model: Any) -> None:
 def quantize_dia_nbits(
     model: Any,
     bits: int,
-    block_size: int = 32,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     accuracy_level: int | None = 4,
     prefix: str = DIA_PREFIX,
 ) -> Any:
@@ -168,32 +175,53 @@ def quantize_dia_nbits(
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     gemm_to_matmul(model, prefix)
-    targets = [
-        node.name for node in model.graph.node
-        if node.op_type == "MatMul" and len(node.input) > 1 and is_dia_name(node.input[1], prefix)
-    ]
+    rows = {init.name: init.dims[0] for init in model.graph.initializer if len(init.dims) == 2}
+    targets: dict[int, list[str]] = {}  # block size -> nodes
+    matmuls = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "MatMul":
+            continue
+        if is_dia_name(node.input[1], prefix) and node.input[1] in rows:
+            node.name = node.name or f"fxattn_lowp/{index}/MatMul"  # the quantiser picks by name
+            block = fitted_block(rows[node.input[1]], bits, block_size)
+            targets.setdefault(block, []).append(node.name)
+        matmuls.append(node.name)
     if not targets:
         raise ExportError(f"no DIA matrices (initializers named {prefix}*) to quantise; "
                           "dia_weights needs a model transformed with DIA")
-    quantizer = MatMulNBitsQuantizer(
-        model,
-        bits=bits,
-        block_size=block_size,
-        is_symmetric=True,
-        accuracy_level=accuracy_level,
-        nodes_to_include=targets,
-    )
     log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = log.level
     log.setLevel(logging.WARNING)  # it logs one INFO line per node it skips
     try:
-        quantizer.process()
+        for block, nodes in sorted(targets.items()):
+            # the quantiser takes every MatMul with constant weights unless excluded, whatever
+            # nodes_to_include says: the model's own matrices (a ViT's) are excluded by name
+            quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block,
+                                             is_symmetric=True, accuracy_level=accuracy_level,
+                                             nodes_to_include=nodes,
+                                             nodes_to_exclude=set(matmuls) - set(nodes))
+            quantizer.process()
+            model = quantizer.model.model
     finally:
         log.setLevel(level)
-    quantized = quantizer.model.model
+    quantized = model
     _dedupe_initializers(quantized)
     _remove_unused_initializers(quantized)
     return quantized
+
+
+def fitted_block(rows: int, bits: int, block_size: int) -> int:
+    """The block size for a matrix of ``rows`` input rows: ``block_size``, or a smaller power
+    of two (at least 16, onnxruntime's least) where that stores fewer bytes. A column is padded
+    to whole blocks, so blocks of 128 would store a 16-row matrix 8 times over; the smaller
+    block quantises the same rows with one scale as well (never less accurately)."""
+    candidates = [b for b in (16, 32, 64, 128, 256) if b <= block_size] or [block_size]
+
+    def stored(block: int) -> float:  # bytes per column: packed integers and fp32 scales
+        blocks = -(-rows // block)
+        return blocks * (block * bits / 8 + 4)
+
+    return min(reversed(candidates), key=stored)  # ties: the larger block
 
 
 def dia_to_fp16(model: Any, prefix: str = DIA_PREFIX) -> Any:
@@ -332,7 +360,7 @@ def apply_dia_weights(
     mode: str,
     *,
     fold_state: bool = False,
-    block_size: int = 32,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     accuracy_level: int | None = 4,
     prefix: str = DIA_PREFIX,
 ) -> str:
@@ -341,6 +369,10 @@ def apply_dia_weights(
 
     if mode not in DIA_WEIGHT_MODES:
         raise ExportError(f"dia_weights={mode!r} is not one of {', '.join(DIA_WEIGHT_MODES)}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 \
+            or block_size & (block_size - 1):
+        raise ExportError(f"block_size must be a power of two of at least 16 (onnxruntime's "
+                          f"MatMulNBits), got {block_size!r}")
     model = onnx.load(str(path))
     before = sum(int(np.prod(i.dims)) * 4 for i in model.graph.initializer
                  if i.name in set(dia_matrix_names(model, prefix)))
@@ -350,7 +382,8 @@ def apply_dia_weights(
     if mode in ("int8", "int4"):
         model = quantize_dia_nbits(model, 8 if mode == "int8" else 4, block_size,
                                    accuracy_level, prefix)
-        parts.append(f"DIA matrices stored as {mode} MatMulNBits (block {block_size}, symmetric"
+        parts.append(f"DIA matrices stored as {mode} MatMulNBits (blocks of up to {block_size} "
+                     "rows, symmetric"
                      + (f", accuracy_level {accuracy_level}" if accuracy_level else "") + ")")
     elif mode == "fp16":
         model = dia_to_fp16(model, prefix)

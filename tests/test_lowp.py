@@ -185,3 +185,65 @@ def test_bad_mode_and_model_without_dia_are_clear_errors(tmp_path: Path) -> None
     with pytest.raises(ExportError, match="no DIA matrices"):
         export_onnx(model, tmp_path / "b.onnx", torch.randn(2, 3, 32, 32), dia_weights="int8")
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_blocks_fit_each_matrix_up_to_the_default(fp32_onnx: Path, tmp_path: Path) -> None:
+    """Blocks of 128 rows by default (onnxruntime's quantiser's own), smaller where a matrix
+    has fewer rows (a column is padded to whole blocks): every matrix is stored without
+    padding here, and the same rows share one scale as with blocks of 32 or more."""
+    from fxattn.lowp import DEFAULT_BLOCK_SIZE, fitted_block
+
+    assert DEFAULT_BLOCK_SIZE == 128
+    assert [fitted_block(rows, 4, 128) for rows in (8, 16, 32, 64, 128, 512)] == \
+        [16, 16, 32, 64, 128, 128]
+    assert fitted_block(512, 4, 32) == 32  # never above the block size asked for
+    path = tmp_path / "int4.onnx"
+    shutil.copy(fp32_onnx, path)
+    apply_dia_weights(path, "int4")
+    model = onnx.load(str(path))
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(attrs) == DIA_LINEARS
+    assert {(a["K"], a["block_size"]) for a in attrs} == {
+        (k, min(k, 128)) for k in (64, 128, 256, 16, 32)}  # C and C/4 of each group
+
+
+@pytest.mark.parametrize("block_size", [0, 24, 8, True])
+def test_block_size_must_be_a_power_of_two_of_at_least_16(block_size: int, fp32_onnx: Path,
+                                                          tmp_path: Path) -> None:
+    path = tmp_path / "bad.onnx"
+    shutil.copy(fp32_onnx, path)
+    before = path.read_bytes()
+    with pytest.raises(ExportError, match="power of two"):
+        apply_dia_weights(path, "int4", block_size=block_size)
+    assert path.read_bytes() == before
+
+
+def test_nbits_leaves_the_models_own_matmuls_alone(tmp_path: Path) -> None:
+    """A token model's own linear layers export as ``MatMul`` with constant weights, which
+    onnxruntime's quantiser takes by default: only DIA's are quantised."""
+
+    class Tokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Linear(8, 64)
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.embed(x)
+            for block in self.blocks:
+                x = x + block(x)
+            return x.mean(1)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    lean = fxattn.strip_ssia(fxattn.transform(Tokens().eval(), x, ssia=False))
+    path = tmp_path / "tokens.onnx"
+    export_onnx(lean, path, x, verify=False)
+    own = sum(1 for n in onnx.load(str(path)).graph.node
+              if n.op_type == "MatMul" and not n.input[1].startswith("fxattn_"))
+    assert own >= 4  # the embedding and the three blocks
+    apply_dia_weights(path, "int4")
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["MatMul"] == own
+    assert ops["MatMulNBits"] == 4 * 3 - 2  # both paths at each site, less the first's hidden
