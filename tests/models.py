@@ -226,3 +226,20 @@ class ConstantResolution(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x)).mean((2, 3))
+
+
+class TokenResidual(nn.Module):
+    """Residual linear blocks over ``(B, N, 8)`` tokens (a ViT's shape, no attention): its own
+    linear layers export as ``MatMul``; DIA pools over the tokens."""
+
+    def __init__(self, width: int = 32, blocks: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return x.mean(1)
+

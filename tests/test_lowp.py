@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from models import CifarResNet
+from models import CifarResNet, TokenResidual
 
 import fxattn
 from fxattn.errors import ExportError
@@ -222,22 +222,9 @@ def test_block_size_must_be_a_power_of_two_of_at_least_16(block_size: int, fp32_
 def test_nbits_leaves_the_models_own_matmuls_alone(tmp_path: Path) -> None:
     """A token model's own linear layers export as ``MatMul`` with constant weights, which
     onnxruntime's quantiser takes by default: only DIA's are quantised."""
-
-    class Tokens(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Linear(8, 64)
-            self.blocks = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(3))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.embed(x)
-            for block in self.blocks:
-                x = x + block(x)
-            return x.mean(1)
-
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8)
-    lean = fxattn.strip_ssia(fxattn.transform(Tokens().eval(), x, ssia=False))
+    lean = fxattn.strip_ssia(fxattn.transform(TokenResidual(width=64).eval(), x, ssia=False))
     path = tmp_path / "tokens.onnx"
     export_onnx(lean, path, x, verify=False)
     own = sum(1 for n in onnx.load(str(path)).graph.node

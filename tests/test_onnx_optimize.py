@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from models import CifarResNet, cifar_dia_lean
+from models import CifarResNet, TokenResidual, cifar_dia_lean
 
 import fxattn
 from fxattn.errors import ConfigError
@@ -186,22 +186,9 @@ def test_models_without_dia_export_node_for_node_as_before(tmp_path: Path) -> No
 def test_token_dia_gets_the_token_pool_and_the_state_fold(options: str, tmp_path: Path) -> None:
     """DIA on tokens ``(B, N, C)`` (a ViT): the spatial rewrites do not apply; DIA's mean over
     the tokens becomes a matrix-vector product, the model's own mean stays; the fold applies."""
-
-    class Tokens(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Linear(8, 32)
-            self.blocks = torch.nn.ModuleList(torch.nn.Linear(32, 32) for _ in range(3))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.embed(x)
-            for block in self.blocks:
-                x = x + block(x)
-            return x.mean(1)
-
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8)
-    lean = fxattn.strip_ssia(fxattn.transform(Tokens().eval(), x, ssia=False))
+    lean = fxattn.strip_ssia(fxattn.transform(TokenResidual().eval(), x, ssia=False))
     plain = tmp_path / "tokens.onnx"
     export_onnx(lean, plain, x, optimize=False, verify=False)
     path, counts = _rewritten(plain, tmp_path, ALL if options == "all" else ONLY[options])
