@@ -30,6 +30,8 @@ SECTIONS: list[tuple[str, str, str | None]] = [
      "dia_lowp.md", None),
     ("Low-precision DIA weights, compiled, with onnxruntime's default spinning threads",
      "dia_lowp_spinning.md", None),
+    ("Low-precision DIA weights: accuracy effect of the block size (MNIST-1D, wider models)",
+     "lowp_blocks.md", None),
     ("DIA across backbone families", "families.md", None),
     ("Zoo coverage", "zoo.md", "Summary"),
 ]
