@@ -21,6 +21,7 @@ from models import CifarResNet, TokenResidual, cifar_dia_lean
 
 import fxattn
 from fxattn.errors import ConfigError
+from fxattn.lowp import LOWP_ATOL, LOWP_RTOL, apply_dia_weights
 from fxattn.onnx_export import export_onnx, ort_session
 from fxattn.onnx_optimize import (
     REQUIRES,
@@ -281,11 +282,13 @@ def test_compose_first_layer_reads_one_small_matrix_per_site(tmp_path: Path) -> 
     from fxattn.cost import matrix_bytes
 
     lean = cifar_dia_lean(random_norms=True)
-    x = torch.randn(2, 3, 32, 32)
-    composed, separate = tmp_path / "composed.onnx", tmp_path / "separate.onnx"
-    report = export_onnx(lean, composed, x)
-    export_onnx(lean, separate, x, optimize=OnnxOptimize(compose_first_layer=False))
-    assert "compose_first_layer 6" in " ".join(report.notes)
+    plain = tmp_path / "plain.onnx"
+    export_onnx(lean, plain, torch.randn(2, 3, 32, 32), optimize=False, verify=False)
+    composed, counts = _rewritten(plain, tmp_path, OnnxOptimize())
+    separate = tmp_path / "separate.onnx"
+    shutil.copy(plain, separate)
+    optimize_onnx_file(separate, OnnxOptimize(compose_first_layer=False))
+    assert counts["compose_first_layer"] == counts["pool_before_conv"] == SITES
     model = onnx.load(str(composed))
     producer = {out: node for node in model.graph.node for out in node.output}
     assert not any(node.op_type == "Conv"
@@ -300,12 +303,20 @@ def test_compose_first_layer_reads_one_small_matrix_per_site(tmp_path: Path) -> 
                    for name in weights)  # the shared (C/r, C) matrices are no longer read
     assert matrix_bytes(composed) < matrix_bytes(separate)
     _assert_parity(composed, lean)
-    # low-precision copies quantise the composed matrices (export_onnx checks the tolerance)
+    # low-precision copies quantise the composed matrices, within int4's tolerance
     quantised = tmp_path / "int4.onnx"
-    export_onnx(lean, quantised, x, dia_weights="int4")
+    shutil.copy(composed, quantised)
+    apply_dia_weights(quantised, "int4")
     packed = [n for n in onnx.load(str(quantised)).graph.node if n.op_type == "MatMulNBits"
               and ".composed." in n.input[1]]
     assert len(packed) == SITES
+    session = ort_session(str(quantised), threads=1)
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = lean(torch.from_numpy(x))
+    torch.testing.assert_close(
+        torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x})[0]), want,
+        atol=LOWP_ATOL["int4"], rtol=LOWP_RTOL["int4"])
 
 
 def test_compose_first_layer_leaves_a_narrowing_projection_alone(tmp_path: Path) -> None:
