@@ -37,12 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import accuracy, fit  # noqa: E402
-from evidence import _onnx_eval, build, task_data  # noqa: E402
+from evidence import _onnx_eval, build, paired, task_data  # noqa: E402
 from evidence_tasks import TASKS  # noqa: E402
 
 import fxattn  # noqa: E402
@@ -99,12 +98,10 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
                            "fp32_test_acc_std": float(fp32.std(ddof=1)) if len(fp32) > 1 else 0.0,
                            "modes": {}}
     for label, _, _ in MODES:
-        change = np.array([r[label]["test_acc"] for r in records]) - fp32
-        half = (float(stats.t.ppf(0.975, len(change) - 1) * change.std(ddof=1)
-                      / np.sqrt(len(change))) if len(change) > 1 else float("nan"))
+        change = paired(np.array([r[label]["test_acc"] for r in records]), fp32)
         out["modes"][label] = {
-            "change_pp": float(change.mean() * 100),
-            "ci95_pp": [float((change.mean() - half) * 100), float((change.mean() + half) * 100)],
+            "change_pp": change["mean"] * 100,
+            "ci95_pp": [bound * 100 for bound in change["ci95"]],
             "min_agreement": min(r[label]["prediction_agreement"] for r in records),
             "max_abs_logit_change": max(r[label]["max_abs_logit_change"] for r in records)}
     return out

@@ -204,10 +204,9 @@ def quantize_dia_nbits(
             model = quantizer.model.model
     finally:
         log.setLevel(level)
-    quantized = model
-    _dedupe_initializers(quantized)
-    _remove_unused_initializers(quantized)
-    return quantized
+    _dedupe_initializers(model)
+    _remove_unused_initializers(model)
+    return model
 
 
 def fitted_block(rows: int, bits: int, block_size: int) -> int:

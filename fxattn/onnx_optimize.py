@@ -348,9 +348,8 @@ def compose_first_layer(model: Any, shapes: dict, consts: dict) -> int:
         composed = f"{gemm.input[1]}.composed.{conv.input[1]}"
         model.graph.initializer.extend([
             numpy_helper.from_array((weight @ conv_weight).astype(np.float32), composed),
-            numpy_helper.from_array((weight.sum(1) * 0 + weight @ np.broadcast_to(
-                conv_bias, conv_weight.shape[:1]) + bias).astype(np.float32),
-                f"{composed}.bias")])
+            numpy_helper.from_array((weight @ np.broadcast_to(conv_bias, conv_weight.shape[:1])
+                                     + bias).astype(np.float32), f"{composed}.bias")])
         retired.update(name for name in [*gemm.input[1:], *conv.input[1:]] if name)
         flatten.input[0] = gap.output[0]  # the Flatten now reads the pooled input
         _set_shape(model, flatten.output[0], [shapes.get(flatten.output[0], [None])[0],
@@ -492,10 +491,7 @@ def fused_residual(model: Any, shapes: dict, consts: dict) -> int:
     import onnx
 
     producer = {out: node for node in model.graph.node for out in node.output}
-    users: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
+    users = _users(model)
 
     def blocked_product(name: str) -> bool:
         """Made by ``blocked_scale``: a DIA ``Mul`` by an expanded (``Resize``d) scale."""
