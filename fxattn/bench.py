@@ -39,6 +39,7 @@ from torch import nn
 
 from .config import Tolerance
 from .errors import ConfigError, InputError, VerificationError, first_line
+from .onnx_export import EXPORTERS
 from .runtime import ort_feed, ort_session, torch_threads
 
 ENGINES = ("torch", "onnxruntime")
@@ -412,14 +413,15 @@ def _progress_bar(total: int, description: str, enabled: bool) -> Iterator[Calla
 
 
 def _export(name: str, module: nn.Module, path: Path, example: Any,
-            tolerance: Tolerance, optimize: bool = True) -> ModelEntry:
+            tolerance: Tolerance, exporter: str, optimize: bool = True) -> ModelEntry:
     import onnx
 
     from .onnx_export import export_onnx
     from .tracing import count_parameters
 
     report = export_onnx(module, path, example, atol=tolerance.atol, rtol=tolerance.rtol,
-                         float64_check=tolerance.float64_check, optimize=optimize)
+                         float64_check=tolerance.float64_check, optimize=optimize,
+                         exporter=exporter)
     proto = onnx.load(str(path), load_external_data=False)
     return ModelEntry(
         name=name,
@@ -490,6 +492,7 @@ def benchmark(
     tolerance: Tolerance | None = None,
     spinning: bool = False,
     compiled: bool = False,
+    exporter: str = "auto",
 ) -> BenchmarkResult:
     """Benchmark ``model`` (``original``) against its lean fxattn version (``lean``).
 
@@ -510,7 +513,9 @@ def benchmark(
     ``compiled`` adds, for ``original``, ``lean`` and each low-precision variant, the model
     compiled for onnxruntime's CPU provider at each batch size (``<name>-ort-cpu``,
     :func:`fxattn.compile_ort_cpu`: DIA's multiply fused into the blocked convolutions); the
-    compiled models' cost accounts are taken against ``original-ort-cpu``.
+    compiled models' cost accounts are taken against ``original-ort-cpu``. ``exporter``
+    exports every model (:func:`fxattn.export_onnx`'s choice: ``"auto"``, ``"dynamo"`` or
+    ``"torchscript"``).
     """
     from .tracing import ExampleInputs, count_parameters
     from .transform import strip_ssia, transform
@@ -522,6 +527,8 @@ def benchmark(
         raise ConfigError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     if runs < 1 or warmup < 0 or threads < 1:
         raise ConfigError("runs and threads must be >= 1 and warmup >= 0")
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if not isinstance(model, nn.Module):
         raise InputError(f"benchmark needs an nn.Module, got {type(model).__name__}")
     inputs = ExampleInputs.from_user(example_inputs)
@@ -547,14 +554,14 @@ def benchmark(
             if "onnxruntime" in engines:
                 for name, module in modules.items():
                     entry = _export(name, module, folder / f"{name}.onnx", example_inputs,
-                                    tolerance or Tolerance())
+                                    tolerance or Tolerance(), exporter)
                     entry.transform_seconds = models[name].transform_seconds
                     models[name] = entry
                     onnx_files[name] = folder / f"{name}.onnx"
                 if unoptimized:
                     models["lean-noopt"] = _export("lean-noopt", lean, folder / "lean-noopt.onnx",
                                                    example_inputs, tolerance or Tolerance(),
-                                                   optimize=False)
+                                                   exporter, optimize=False)
                     onnx_files["lean-noopt"] = folder / "lean-noopt.onnx"
                 for mode in dia_weights:
                     name = f"lean-{mode}"
@@ -582,6 +589,7 @@ def benchmark(
     settings["unoptimized"] = unoptimized
     settings["spinning"] = spinning
     settings["compiled"] = compiled
+    settings["exporter"] = exporter
     if spinning:
         settings["spinning_blocks"] = _spinning_blocks(runs)
     if unverified:

@@ -277,7 +277,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model, example, dia=dia, ssia=ssia, batch_sizes=batches, threads=args.threads,
         runs=args.runs, warmup=args.warmup, engines=engines, dia_weights=modes,
         unoptimized=args.unoptimized, spinning=args.spinning, compiled=args.compiled,
-        out_dir=args.out,
+        exporter=args.exporter, out_dir=args.out,
         progress=sys.stderr.isatty(),
         tolerance=Tolerance(args.atol, args.rtol, not args.no_float64_check),
         title=f"{spec}: original vs lean (dia={bool(dia)}, ssia={bool(ssia)})",
@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiled", action="store_true",
                    help="also time the lean models compiled for onnxruntime's CPU provider at "
                         "each batch size (<name>-ort-cpu; see `fxattn compile`)")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="the ONNX exporter of every model (as `fxattn export`)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", parents=[debug], help="the whole pipeline on torchvision ResNet-18")

@@ -43,6 +43,7 @@ from .graph_module import AttentionGraphModule, unwrap
 from .lowp import apply_dia_weights
 from .lowp import tolerance as lowp_tolerance
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
+from .onnx_optimize import mark_dia_scopes
 from .runtime import ort_feed, ort_session
 from .tracing import ExampleInputs, count_parameters
 from .verify import VerificationReport, verify_onnx
@@ -305,8 +306,20 @@ def _export_checked(
             continue
         if compat.report.changed:
             notes.append(str(compat.report))
+        if exporter == "torchscript":
+            _mark_dia_scopes(tmp)
         return notes
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _mark_dia_scopes(path: Path) -> None:
+    """Record DIA's scopes in a TorchScript export (:func:`fxattn.onnx_optimize.mark_dia_scopes`:
+    its node names lose them), so that DIA's rewrites find its nodes."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
+    if mark_dia_scopes(model):
+        onnx.save(model, str(path))
 
 
 def export_onnx(

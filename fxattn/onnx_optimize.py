@@ -72,6 +72,7 @@ What was tried and measured is in ``benchmarks/results/dia_cost_notes.md``.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ from .errors import ConfigError
 
 #: name scope of DIA's modules in the exported graph (``fxattn_dia.g0`` ...)
 DIA_SCOPE = "fxattn_dia."
+#: metadata entry with a node's DIA scope, where the exporter records no module scopes
+SCOPE_KEY = "fxattn.name_scope"
 #: channel block of onnxruntime's blocked layout: 8 (AVX2) or 16 (AVX-512); 16 is safe for both
 NCHWC_BLOCK = 16
 #: rewrites that act only on what another one made: switching one on needs the others on
@@ -165,9 +168,11 @@ def node_attr(node: Any, name: str, default: Any = None) -> Any:
 
 
 def in_dia(node: Any) -> bool:
-    """Whether ``node`` comes from a DIA module: the dynamo exporter's name scopes, or the
-    TorchScript exporter's scoped node name (``/fxattn_dia.g0/...``)."""
+    """Whether ``node`` comes from a DIA module: the dynamo exporter's name scopes, the scope
+    :func:`mark_dia_scopes` recorded on a TorchScript export, or a scoped node name."""
     for prop in node.metadata_props:
+        if prop.key == SCOPE_KEY:
+            return prop.value.startswith(DIA_SCOPE)
         if prop.key == "pkg.torch.onnx.name_scopes":
             try:
                 scopes = ast.literal_eval(prop.value)
@@ -177,19 +182,66 @@ def in_dia(node: Any) -> bool:
     return DIA_SCOPE in node.name
 
 
+def mark_dia_scopes(model: Any) -> int:
+    """Record DIA's module scope on the nodes of a TorchScript export; returns how many.
+
+    The TorchScript exporter names a node after the modules it ran in, one path component per
+    module call: DIA's group ``fxattn_dia.g2``, called from the graph module, gives
+    ``/inner/g2/Mul_7``, and ``/inner/g2_1/...`` at its next site (its container
+    ``fxattn_dia`` is never called, so the name loses it),
+    and only the parameters keep the full name (``inner.fxattn_dia.g2.input_path.0.weight``).
+    A node that reads a DIA parameter shows where its group's calls are (``/inner/`` +
+    ``g2``); every node under one of them gets the metadata entry :data:`SCOPE_KEY` =
+    ``fxattn_dia.g2``, which
+    :func:`in_dia` reads, so the rewrites here, :func:`fxattn.compile_ort_cpu` and the cost
+    account find DIA in TorchScript exports as they do in dynamo exports. A scope whose nodes
+    also read other parameters (a module of the model that has the group's name) is left
+    unmarked: an optimisation skipped, never a wrong one.
+    """
+    from .lowp import is_dia_name
+
+    parameters = {init.name for init in model.graph.initializer}
+    groups: set[tuple[str, str]] = set()  # (the scope's parent, the group): ("/inner/", "g2")
+    for node in model.graph.node:
+        for name in node.input:
+            if name in parameters and is_dia_name(name, DIA_SCOPE):
+                group = name[name.index(DIA_SCOPE) + len(DIA_SCOPE):].split(".")[0]
+                parts = node.name.split("/")[:-1]
+                if group in parts:
+                    groups.add(("/".join(parts[:parts.index(group)]) + "/", group))
+
+    def scope(node: Any) -> tuple[str, str] | None:
+        """``(node name prefix, DIA scope)`` of a node in a call of a DIA group."""
+        for parent, group in groups:
+            call, _, rest = node.name[len(parent):].partition("/")
+            if node.name.startswith(parent) and rest \
+                    and re.fullmatch(rf"{re.escape(group)}(_\d+)?", call):  # g2, g2_1, ...
+                return parent + call + "/", DIA_SCOPE + group
+        return None
+
+    foreign = {found[0] for node in model.graph.node if (found := scope(node))
+               and any(name in parameters and not is_dia_name(name, DIA_SCOPE)
+                       for name in node.input)}
+    marked = 0
+    for node in model.graph.node:
+        found = scope(node)
+        if found and found[0] not in foreign \
+                and not any(p.key == SCOPE_KEY for p in node.metadata_props):
+            node.metadata_props.add(key=SCOPE_KEY, value=found[1])
+            marked += 1
+    return marked
+
+
 def tensor_shapes(model: Any) -> dict[str, list[int | str]]:
     """Shapes of every tensor: the exporter's ``value_info`` (shape inference when missing)."""
-    import onnx
 
     graph = model.graph
     infos = list(graph.value_info) + list(graph.input) + list(graph.output)
-    if len(graph.value_info) < len(graph.node) // 2:
-        try:  # the TorchScript exporter writes few shapes; a model over 2 GB cannot be inferred
-            inferred = onnx.shape_inference.infer_shapes(model)
+    if len(graph.value_info) < len(graph.node) // 2:  # the TorchScript exporter writes few
+        inferred = _inferred_shapes(model)
+        if inferred is not None:
             infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(
                 inferred.graph.output)
-        except (ValueError, onnx.shape_inference.InferenceError):
-            pass  # rewrites that need a missing shape then do not apply
     shapes: dict[str, list[int | str]] = {}
     for info in infos:
         tensor = info.type.tensor_type
@@ -201,6 +253,25 @@ def tensor_shapes(model: Any) -> dict[str, list[int | str]]:
     return shapes
 
 
+def _inferred_shapes(model: Any) -> Any | None:
+    """``model`` with inferred shapes, or ``None`` (rewrites that need a shape then do not
+    apply). onnxruntime's symbolic shape inference first: it follows the shape arithmetic the
+    TorchScript exporter writes for DIA's gate split (``Shape`` -> ``Div`` -> ``Slice``), so
+    ``h`` gets its channel count, which onnx's own inference leaves unknown."""
+    import onnx
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - an op it does not know, a model over 2 GB...
+        pass
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except (ValueError, onnx.shape_inference.InferenceError):
+        return None
+
+
 def _constants(model: Any) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
@@ -208,6 +279,9 @@ def _constants(model: Any) -> dict[str, np.ndarray]:
     for node in model.graph.node:
         if node.op_type == "Constant" and node_attr(node, "value") is not None:
             values[node.output[0]] = numpy_helper.to_array(node_attr(node, "value"))
+        elif node.op_type == "Identity" and node.input[0] in values:
+            # the TorchScript exporter shares equal initializers through Identity nodes
+            values[node.output[0]] = values[node.input[0]]
     return values
 
 
@@ -231,8 +305,10 @@ def _is_spatial_mean(node: Any, shapes: dict, consts: dict) -> bool:
 def _token_count(node: Any, shapes: dict, consts: dict) -> int | None:
     """N when ``node`` is a ``ReduceMean`` over the token axis of a ``(..., N, C)`` tensor with
     a static N (the axis before the last one), else ``None``."""
+    if node.op_type != "ReduceMean":
+        return None
     rank = len(shapes.get(node.input[0], []))
-    if node.op_type != "ReduceMean" or rank < 3:
+    if rank < 3:
         return None
     tokens = shapes[node.input[0]][-2]
     if _reduced_axes(node, rank, consts) != [rank - 2] or not isinstance(tokens, int) \

@@ -83,7 +83,7 @@ def test_spinning_times_each_onnx_model_alone_in_alternating_blocks(
                             path, spinning, threads=threads))
     result = fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), ssia=False, batch_sizes=(1,),
                               threads=1, runs=5, warmup=1, engines=("onnxruntime",), cost=False,
-                              spinning=True, progress=False)
+                              spinning=True, progress=False, exporter="torchscript")
     stats = result.latency["onnxruntime"][1]
     assert list(stats) == ["original", "lean"] and all(s.runs == 5 for s in stats.values())
     blocks = result.settings["spinning_blocks"]
@@ -140,7 +140,7 @@ def test_benchmark_reports_every_model_engine_and_batch(tmp_path: Path) -> None:
 def test_ssia_only_lean_model_exports_the_original_node_list() -> None:
     result = fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), dia=False, ssia=True,
                               batch_sizes=(2,), threads=1, runs=1, warmup=0,
-                              engines=("onnxruntime",), progress=False)
+                              engines=("onnxruntime",), progress=False, exporter="torchscript")
     assert result.same_onnx_ops("original", "lean")
     assert result.models["lean"].parameters == result.models["original"].parameters
     assert "torch" not in result.latency
@@ -151,6 +151,8 @@ def test_benchmark_rejects_bad_settings() -> None:
         fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), engines=("tvm",))
     with pytest.raises(ConfigError, match="batch sizes"):
         fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), batch_sizes=(0,))
+    with pytest.raises(ConfigError, match="exporter must be one of auto, dynamo, torchscript"):
+        fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), exporter="jit")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
@@ -207,11 +209,12 @@ def test_cli_bench_writes_json_markdown_and_png(tmp_path: Path,
                  '{"depth": 11, "num_classes": 10}', "--input-shape", "2,3,32,32",
                  "--no-ssia", "--batch", "1,2", "--threads", "1", "--runs", "2", "--warmup", "1",
                  "--engines", "onnxruntime", "--dia-weights", "int4", "--spinning",
-                 "--out", str(tmp_path)])
+                 "--exporter", "torchscript", "--out", str(tmp_path)])
     assert code == 0
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert set(saved["latency"]["onnxruntime"]["2"]) == {"original", "lean", "lean-int4"}
     assert saved["settings"]["batch_sizes"] == [1, 2] and saved["settings"]["spinning"]
+    assert saved["settings"]["exporter"] == "torchscript"
     assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.png").exists()
     assert "| onnxruntime | 1 | lean-int4 |" in capsys.readouterr().out
 
@@ -254,11 +257,12 @@ def test_compiled_variants_are_timed_at_their_own_batch(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     model = CifarResNet(depth=11, num_classes=10).eval()
-    for spinning in (False, True):
+    for spinning in (False, True):  # the second pass on the faster TorchScript exporter
         result = fxattn.benchmark(model, torch.randn(2, 3, 32, 32), ssia=False,
                                   batch_sizes=(1, 2), threads=1, runs=2, warmup=1,
                                   engines=("onnxruntime",), dia_weights=("int8",), compiled=True,
                                   spinning=spinning, cost=not spinning,
+                                  exporter="torchscript" if spinning else "auto",
                                   out_dir=tmp_path / str(spinning), progress=False)
         compiled_names = ["original-ort-cpu", "lean-ort-cpu", "lean-int8-ort-cpu"]
         names = ["original", "lean", "lean-int8", *compiled_names]
@@ -298,7 +302,8 @@ def test_a_low_precision_variant_that_fails_its_tolerance_is_reported_not_timed(
         atol=1e-12, rtol=1e-12, float64_check=False) if mode == "int4" else real(mode, base))
     result = fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), ssia=False, batch_sizes=(1,),
                               threads=1, runs=2, warmup=1, engines=("onnxruntime",),
-                              dia_weights=("int8", "int4"), progress=False)
+                              dia_weights=("int8", "int4"), progress=False,
+                              exporter="torchscript")
     assert "lean-int4" not in result.models and "lean-int8" in result.models
     assert set(result.latency["onnxruntime"][1]) == {"original", "lean", "lean-int8"}
     (error,) = result.settings["dia_weights_failed_verification"].values()

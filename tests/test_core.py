@@ -24,9 +24,9 @@ def _node_signature(graph: torch.fx.Graph) -> list[tuple[str, str, str, str]]:
 
 IDENTITY_MODELS = {
     "torchvision:resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 64),
-    "timm:convnext_tiny": (lambda: timm.create_model("convnext_tiny", num_classes=10), 64),
+    "timm:convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=10), 64),
     "timm:vit_tiny_patch16_224": (
-        lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10), 224),
+        lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=64), 64),
 }
 
 

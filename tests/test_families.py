@@ -7,7 +7,7 @@ and the transformed graph is checked to apply DIA on the *branch*: the DIA call 
 branch operand, its attended output feeds the add, and the add's other operand is still the
 shortcut. One model per family also runs the whole pipeline: transform -> one training step
 -> strip -> ONNX export -> onnxruntime parity (``tests/pipeline.py``; the families that
-``test_zoo_subset.py`` runs are not repeated here).
+``test_zoo_subset.py`` runs, ConvNeXt among them, are not repeated here).
 """
 
 from __future__ import annotations
@@ -371,7 +371,6 @@ PIPELINE = {
     "timm:resnetv2_18": 32,
     "timm:regnetx_002": 64,
     "timm:efficientnet_b0": 64,
-    "tv:convnext_tiny": 32,
     "tv:swin_t": 32,
     "tv:vgg11_gap": 32,
     "tv:densenet121": 64,

@@ -27,6 +27,7 @@ from fxattn.onnx_optimize import (
     REQUIRES,
     OnnxOptimize,
     in_dia,
+    mark_dia_scopes,
     optimize_onnx_file,
     resolve_optimize,
 )
@@ -346,3 +347,26 @@ def test_compose_first_layer_leaves_a_narrowing_projection_alone(tmp_path: Path)
     assert counts["blocked_pool"] == 3
     assert counts["pool_before_conv"] == counts["compose_first_layer"] == 0
 
+
+
+def test_torchscript_dia_scopes_are_marked_unless_a_model_module_shares_the_name() -> None:
+    """``mark_dia_scopes``: nodes under every call of a DIA group (``/inner/g0/``,
+    ``/inner/g0_1/``...) are DIA's; a call under which the model's own parameters are read (a
+    module of the model named like the group) is left unmarked."""
+    helper = onnx.helper
+    weight = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32),
+                                          "inner.fxattn_dia.g0.input_path.0.weight")
+    own = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "inner.g0.weight")
+    nodes = [helper.make_node("Gemm", ["x", weight.name], ["a"], name="/inner/g0/path/Gemm"),
+             helper.make_node("Sigmoid", ["a"], ["b"], name="/inner/g0/Sigmoid"),
+             helper.make_node("Sigmoid", ["b"], ["c"], name="/inner/g0_1/Sigmoid"),
+             helper.make_node("Gemm", ["c", own.name], ["d"], name="/inner/g0_2/Gemm"),
+             helper.make_node("Relu", ["d"], ["e"], name="/inner/g0_2/Relu"),
+             helper.make_node("Relu", ["e"], ["y"], name="/inner/g0x/Relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 4])],
+                              [helper.make_tensor_value_info("y", 1, [1, 4])], [weight, own])
+    model = helper.make_model(graph)
+    assert [in_dia(n) for n in model.graph.node] == [False] * 6
+    assert mark_dia_scopes(model) == 3
+    assert [in_dia(n) for n in model.graph.node] == [True, True, True, False, False, False]
+    assert mark_dia_scopes(model) == 0  # marked once

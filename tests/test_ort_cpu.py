@@ -87,6 +87,36 @@ def test_compiled_model_matches_pytorch(batch: int, fold: bool, lean: torch.nn.M
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no staging folder left
 
 
+def test_torchscript_exports_get_the_same_rewrites_and_compile(lean: torch.nn.Module,
+                                                               lean_onnx: Path,
+                                                               tmp_path: Path) -> None:
+    """The TorchScript exporter's node names lose DIA's container (``/inner/g1_1/Mul_7``) and
+    it writes few shapes; the export records DIA's scopes, the shapes are inferred, and the
+    file gets the same exact rewrites and compiles with every multiply fused, as a dynamo
+    export does."""
+    from fxattn.onnx_optimize import SCOPE_KEY, in_dia
+
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "ts.onnx"
+    report = fxattn.export_onnx(lean, path, x, exporter="torchscript")
+    assert report.exporter == "torchscript" and report.verified
+    dynamo = fxattn.export_onnx(lean, tmp_path / "dynamo.onnx", x)
+    rewrites = [[n for n in r.notes if n.startswith("exact DIA rewrites")]
+                for r in (report, dynamo)]
+    assert rewrites[0] == rewrites[1] and rewrites[0]  # the same rewrites, as often
+    graph = onnx.load(str(path)).graph
+    marked = [n for n in graph.node if any(p.key == SCOPE_KEY for p in n.metadata_props)]
+    assert marked and all(in_dia(n) for n in marked)
+    assert not any(in_dia(n) for n in graph.node if n.op_type == "Conv" and "fxattn" not in n.name)
+    compiled = fxattn.compile_ort_cpu(path, tmp_path / "ts.b1.onnx", batch_size=1)
+    assert compiled.dia_multiplies == SITES and compiled.fused == (SITES if BLOCKED else 0)
+    x1 = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = lean(torch.from_numpy(x1))
+    torch.testing.assert_close(torch.from_numpy(_run(tmp_path / "ts.b1.onnx", x1)), want,
+                               atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.skipif(not BLOCKED, reason="onnxruntime has no blocked layout on this CPU")
 @pytest.mark.parametrize("batch", [1, 2])
 def test_every_dia_block_stays_blocked(batch: int, lean_onnx: Path, tmp_path: Path) -> None:
@@ -188,13 +218,15 @@ def test_adds_without_relu_unfilled_blocks_and_squeeze_excitation(name: str,
                                                                   tmp_path: Path) -> None:
     """MobileNetV2: residual adds with no ReLU after them, sites with no residual, 24-channel
     stages that do not fill a 16-channel block (their scales padded with zeros). RegNetY: a
-    squeeze-excitation inside the branch, 104- and 440-channel stages."""
+    squeeze-excitation inside the branch (a channel multiply that is not DIA's), 104- and
+    440-channel stages. Exported with TorchScript, whose node names lose DIA's scope (the
+    export records it)."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
     lean = fxattn.strip_ssia(fxattn.transform(model, x, ssia=False))
     portable = tmp_path / f"{name}.onnx"
-    fxattn.export_onnx(lean, portable, x)
+    fxattn.export_onnx(lean, portable, x, exporter="torchscript")
     out = tmp_path / f"{name}.ort-cpu.onnx"
     report = fxattn.compile_ort_cpu(portable, out, batch_size=2)
     assert report.dia_multiplies > 0

@@ -351,13 +351,15 @@ def test_without_dia_strip_is_the_original_eval_graph(data: st.DataObject, arch:
 def test_onnxruntime_parity(
     data: st.DataObject, arch: Arch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """The lean module of a random network exports and matches onnxruntime at batch 2 and 3."""
+    """The lean module of a random network exports with either exporter (and the exact DIA
+    rewrites) and matches onnxruntime at batch 2 and 3."""
     model = build(arch).eval()
     dia = data.draw(dia_configs(arch.site_widths), label="dia")
+    exporter = data.draw(st.sampled_from(["dynamo", "torchscript"]), label="exporter")
     x = arch.example()
     lean = fxattn.strip_ssia(fxattn.transform(model, x, dia=dia, ssia=False))
     path: Path = tmp_path_factory.mktemp("onnx") / "lean.onnx"
-    report = export_onnx(lean, path, x, batch_sizes=(2, 3), atol=1e-4)
+    report = export_onnx(lean, path, x, batch_sizes=(2, 3), atol=1e-4, exporter=exporter)
     assert report.verified and report.max_abs_error <= 1e-4
     assert report.parameters == parameter_count(model) + expected_dia_parameters(
         arch.site_widths, dia)

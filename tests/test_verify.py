@@ -250,11 +250,12 @@ def test_pytorchcv_resnet50_and_diaresnet50_pass_with_the_defaults(tmp_path: Pat
     torch.manual_seed(0)
     resnet = pytorchcv.get_model("resnet50", pretrained=False)
     lean = fxattn.strip_ssia(fxattn.transform(resnet, x, dia=False, ssia=True))
-    report = export_onnx(lean, tmp_path / "resnet50.onnx", x)
+    # the verification rule is the subject here, not the exporter: the faster TorchScript one
+    report = export_onnx(lean, tmp_path / "resnet50.onnx", x, exporter="torchscript")
     assert report.verification.passed and report.verification.margin <= 1e3
     torch.manual_seed(0)
     dia = pytorchcv.get_model("diaresnet50", pretrained=False).eval()
-    report = export_onnx(dia, tmp_path / "diaresnet50.onnx", x)
+    report = export_onnx(dia, tmp_path / "diaresnet50.onnx", x, exporter="torchscript")
     assert report.verification.passed
 
 

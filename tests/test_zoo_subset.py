@@ -103,7 +103,6 @@ SUBSET: list[tuple[str, Callable[[], tuple[torch.nn.Module, Any]], str]] = [
     # every residual branch (zero_init_last), which pretrained weights never look like and
     # which would make every DIA gradient exactly zero before the first step
     ("timm:seresnet50", _timm("seresnet50", 32, zero_init_last=False), "torch.fx"),
-    ("timm:mobilenetv3_small_050", _timm("mobilenetv3_small_050", 32), "torch.fx"),
     ("timm:vit_tiny_patch16_224", _timm("vit_tiny_patch16_224", 32, img_size=32, patch_size=8),
      "torch.fx"),
     ("transformers:BertForSequenceClassification", _bert, "torch.export"),
