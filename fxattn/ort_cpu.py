@@ -380,6 +380,17 @@ class _Fuser:
         if channels is None:
             made_by = f"a {reorder.op_type} in NCHW" if reorder is not None else "an input"
             return f"its activation is not in the blocked layout (it comes from {made_by})"
+        add = self.graph.only_user(node.output[0], "Add")
+        shortcut = None
+        if add is not None:
+            shortcut = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+            if shortcut == node.output[0]:
+                add, shortcut = None, None
+        if shortcut is not None and shortcut not in self.blocked and channels % 4:
+            # onnxruntime's ReorderInput takes whole groups of 4 channels (Res2Net's 14-channel
+            # splits): the shortcut cannot be brought into the blocked layout
+            return (f"its shortcut, in NCHW, has {channels} channels; onnxruntime blocks only "
+                    "multiples of 4")
         padded = -(-channels // self.block_size) * self.block_size
         if padded != channels:  # the blocked tensor's last block holds zero channels
             pads = self.constant(f"{NODE_PREFIX}pad{padded - channels}",
@@ -393,12 +404,6 @@ class _Fuser:
                                                                      [-1, 1, 1, 1])],
                                     [f"{prefix}.w"], name=f"{prefix}/ReshapeW"))
 
-        add = self.graph.only_user(node.output[0], "Add")
-        shortcut = None
-        if add is not None:
-            shortcut = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-            if shortcut == node.output[0]:
-                add, shortcut = None, None
         relu = self.graph.only_user(add.output[0], "Relu") if add is not None else None
         last = relu or add or node
         result = last.output[0]
@@ -716,7 +721,12 @@ def _verify(portable: Path, compiled: Path, batch_size: int, seed: int,
                               "be dynamic to verify (pass verify=False to skip the check)")
         feed[value.name] = rng.standard_normal(shape).astype(np.float32)
     expected = reference.run(None, feed)
-    actual = session.run(None, feed)
+    try:
+        actual = session.run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own failure, in one line
+        raise VerificationError(f"the compiled model fails to run in onnxruntime "
+                                f"({first_line(exc)}); keep the portable model and report this "
+                                "model to fxattn") from exc
     worst = 0.0
     for want, got in zip(expected, actual, strict=True):
         diff = np.abs(got.astype(np.float64) - want.astype(np.float64))

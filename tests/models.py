@@ -243,3 +243,20 @@ class TokenResidual(nn.Module):
             x = x + block(x)
         return x.mean(1)
 
+
+
+class SplitResidual(nn.Module):
+    """A Res2Net-like residual add on a 14-channel split: the shortcut is one half of a split
+    tensor (onnxruntime keeps it in NCHW) and 14 is not a multiple of 4."""
+
+    def __init__(self, channels: int = 14) -> None:
+        super().__init__()
+        self.channels = channels
+        self.stem = nn.Conv2d(3, 2 * channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.head = nn.Linear(2 * channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(torch.relu(self.stem(x)), self.channels, dim=1)
+        y = torch.relu(self.conv(a) + b)
+        return self.head(torch.cat([y, a], 1).mean((2, 3)))

@@ -18,7 +18,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from models import CifarResNet, cifar_dia_lean
+from models import CifarResNet, SplitResidual, cifar_dia_lean
 
 import fxattn
 from fxattn.cli import main
@@ -240,6 +240,50 @@ def test_adds_without_relu_unfilled_blocks_and_squeeze_excitation(name: str,
     with torch.no_grad():
         want = lean(torch.from_numpy(sample))
     torch.testing.assert_close(torch.from_numpy(_run(out, sample)), want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.skipif(not BLOCKED, reason="onnxruntime has no blocked layout on this CPU")
+def test_a_shortcut_onnxruntime_cannot_block_is_left_alone(tmp_path: Path) -> None:
+    """A 14-channel shortcut in NCHW (Res2Net's splits): onnxruntime's ReorderInput takes whole
+    groups of 4 channels, so the site stays as onnxruntime made it (fusing it made a model that
+    failed to run), and the compiled model still matches."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    lean = fxattn.strip_ssia(fxattn.transform(SplitResidual().eval(), x, ssia=False))
+    fxattn.export_onnx(lean, tmp_path / "split.onnx", x)
+    report = fxattn.compile_ort_cpu(tmp_path / "split.onnx", tmp_path / "split.b1.onnx",
+                                    batch_size=1)
+    assert report.dia_multiplies == 1 and report.fused == 0
+    (why,) = report.skipped.values()
+    assert "has 14 channels; onnxruntime blocks only multiples of 4" in why
+    sample = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = lean(torch.from_numpy(sample))
+    torch.testing.assert_close(torch.from_numpy(_run(tmp_path / "split.b1.onnx", sample)), want,
+                               atol=ATOL, rtol=RTOL)
+
+
+def test_a_compiled_model_that_fails_to_run_is_a_verification_error(
+    lean_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime refusing to run the compiled graph is fxattn's VerificationError, one line,
+    and nothing is written."""
+    from fxattn import ort_cpu
+
+    real = ort_cpu.ort_session
+
+    class Failing:
+        def __init__(self, session: object) -> None:
+            self.session = session
+
+        def run(self, *args: object) -> object:
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : ReorderInput\nsecond line")
+
+    monkeypatch.setattr(ort_cpu, "ort_session", lambda path, **kw: real(path, **kw)
+                        if Path(path) == lean_onnx else Failing(real(path, **kw)))
+    with pytest.raises(VerificationError, match="fails to run in onnxruntime .*ReorderInput\\)"):
+        fxattn.compile_ort_cpu(lean_onnx, tmp_path / "out.onnx", batch_size=1)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_multiply_after_squeeze_excitation_is_left_alone(tmp_path: Path) -> None:
