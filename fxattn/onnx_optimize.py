@@ -187,16 +187,15 @@ def mark_dia_scopes(model: Any) -> int:
 
     The TorchScript exporter names a node after the modules it ran in, one path component per
     module call: DIA's group ``fxattn_dia.g2``, called from the graph module, gives
-    ``/inner/g2/Mul_7``, and ``/inner/g2_1/...`` at its next site (its container
-    ``fxattn_dia`` is never called, so the name loses it),
-    and only the parameters keep the full name (``inner.fxattn_dia.g2.input_path.0.weight``).
-    A node that reads a DIA parameter shows where its group's calls are (``/inner/`` +
-    ``g2``); every node under one of them gets the metadata entry :data:`SCOPE_KEY` =
-    ``fxattn_dia.g2``, which
-    :func:`in_dia` reads, so the rewrites here, :func:`fxattn.compile_ort_cpu` and the cost
-    account find DIA in TorchScript exports as they do in dynamo exports. A scope whose nodes
-    also read other parameters (a module of the model that has the group's name) is left
-    unmarked: an optimisation skipped, never a wrong one.
+    ``/inner/g2/Mul_7`` at its first site and ``/inner/g2_1/...`` at the next (the container
+    ``fxattn_dia`` is never called, so the names lose it); only the parameters keep the full
+    name (``inner.fxattn_dia.g2.input_path.0.weight``). A node that reads a DIA parameter shows
+    where its group's calls are (``/inner/`` + ``g2``); every node under one of them gets the
+    metadata entry :data:`SCOPE_KEY` = ``fxattn_dia.g2``, which :func:`in_dia` reads, so the
+    rewrites here, :func:`fxattn.compile_ort_cpu` and the cost account find DIA in TorchScript
+    exports as they do in dynamo exports. A call under which other parameters are read (a
+    module of the model that has the group's name) is left unmarked: an optimisation skipped,
+    never a wrong one.
     """
     from .lowp import is_dia_name
 
@@ -234,7 +233,6 @@ def mark_dia_scopes(model: Any) -> int:
 
 def tensor_shapes(model: Any) -> dict[str, list[int | str]]:
     """Shapes of every tensor: the exporter's ``value_info`` (shape inference when missing)."""
-
     graph = model.graph
     infos = list(graph.value_info) + list(graph.input) + list(graph.output)
     if len(graph.value_info) < len(graph.node) // 2:  # the TorchScript exporter writes few

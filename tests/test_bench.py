@@ -257,12 +257,11 @@ def test_compiled_variants_are_timed_at_their_own_batch(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     model = CifarResNet(depth=11, num_classes=10).eval()
-    for spinning in (False, True):  # the second pass on the faster TorchScript exporter
+    for spinning in (False, True):  # TorchScript exports: fused as dynamo's (test_ort_cpu)
         result = fxattn.benchmark(model, torch.randn(2, 3, 32, 32), ssia=False,
                                   batch_sizes=(1, 2), threads=1, runs=2, warmup=1,
                                   engines=("onnxruntime",), dia_weights=("int8",), compiled=True,
-                                  spinning=spinning, cost=not spinning,
-                                  exporter="torchscript" if spinning else "auto",
+                                  spinning=spinning, cost=not spinning, exporter="torchscript",
                                   out_dir=tmp_path / str(spinning), progress=False)
         compiled_names = ["original-ort-cpu", "lean-ort-cpu", "lean-int8-ort-cpu"]
         names = ["original", "lean", "lean-int8", *compiled_names]
