@@ -47,7 +47,7 @@ from fxattn.lowp import quantize_dia_nbits
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from dia_lowp import BASELINE, BOOTSTRAP, statistics  # noqa: E402
+from dia_lowp import BASELINE, BOOTSTRAP, add_block_arguments, statistics  # noqa: E402
 from dia_vs_handwritten import time_blocks  # noqa: E402
 
 WHAT = {
@@ -175,12 +175,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    add_block_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -148,16 +148,21 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+def add_block_arguments(parser: argparse.ArgumentParser) -> None:
+    """The block protocol's settings (``time_blocks``), the image side and the output folder."""
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--spinning", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    add_block_arguments(parser)
+    parser.add_argument("--spinning", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

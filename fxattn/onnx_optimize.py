@@ -218,15 +218,14 @@ def mark_dia_scopes(model: Any) -> int:
                 return parent + call + "/", DIA_SCOPE + group
         return None
 
-    foreign = {found[0] for node in model.graph.node if (found := scope(node))
-               and any(name in parameters and not is_dia_name(name, DIA_SCOPE)
-                       for name in node.input)}
+    scoped = [(node, found) for node in model.graph.node if (found := scope(node))]
+    foreign = {prefix for node, (prefix, _) in scoped
+               if any(name in parameters and not is_dia_name(name, DIA_SCOPE)
+                      for name in node.input)}
     marked = 0
-    for node in model.graph.node:
-        found = scope(node)
-        if found and found[0] not in foreign \
-                and not any(p.key == SCOPE_KEY for p in node.metadata_props):
-            node.metadata_props.add(key=SCOPE_KEY, value=found[1])
+    for node, (prefix, dia_scope) in scoped:
+        if prefix not in foreign and not any(p.key == SCOPE_KEY for p in node.metadata_props):
+            node.metadata_props.add(key=SCOPE_KEY, value=dia_scope)
             marked += 1
     return marked
 
