@@ -236,3 +236,14 @@ def test_nbits_leaves_the_models_own_matmuls_alone(tmp_path: Path) -> None:
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     assert ops["MatMul"] == own
     assert ops["MatMulNBits"] == 4 * 3 - 2  # both paths at each site, less the first's hidden
+    # a MatMul without a name (the quantiser excludes by name) is left alone too
+    unnamed = tmp_path / "unnamed.onnx"
+    export_onnx(lean, unnamed, x, verify=False)
+    model = onnx.load(str(unnamed))
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and not node.input[1].startswith("fxattn_"):
+            node.name = ""
+    onnx.save(model, str(unnamed))
+    apply_dia_weights(unnamed, "int4")
+    ops = Counter(n.op_type for n in onnx.load(str(unnamed)).graph.node)
+    assert ops["MatMul"] == own and ops["MatMulNBits"] == 4 * 3 - 2
