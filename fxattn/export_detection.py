@@ -38,15 +38,18 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .detection import MatchReport, MatchRule, match_detections
 from .errors import ExportError, InputError, VerificationError, first_line
 from .graph_module import unwrap
+from .lowp import DIA_WEIGHT_MODES, apply_dia_weights
 from .onnx_export import (
     ExportReport,
     atomic_path,
     check_output_path,
     export_onnx,
+    mark_dia_scopes_in_file,
     onnx_file_bytes,
     ort_session,
     register_special_export,
 )
+from .onnx_optimize import optimize_onnx_file, resolve_optimize
 from .scope import parts_of, scope_info
 from .tracing import ExampleInputs, count_parameters
 
@@ -278,6 +281,8 @@ def export_detector(
     parts_fallback: bool = True,
     overwrite: bool = True,
     seed: int = 0,
+    dia_weights: str | None = None,
+    optimize: Any = True,
 ) -> DetectionExportReport:
     """Export a detector's eval forward (``list[image] -> list[dict]``) to ONNX, verified.
 
@@ -294,6 +299,13 @@ def export_detector(
         parts_fallback: when no exporter can export the whole detector, export the
             transformed parts of a scoped model (verified) next to ``path``
             (``<stem>.<part>.onnx``) instead of failing.
+        dia_weights: ``"fp16"``, ``"int8"`` or ``"int4"`` stores DIA's matrices at lower
+            precision, as in :func:`fxattn.export_onnx`. The detections are matched before
+            (lower precision moves scores by more than the rule's float32 tolerances, and
+            with them which boxes NMS keeps); the transformed parts, exported the same way,
+            are verified elementwise with that mode's tolerance.
+        optimize: the exact DIA rewrites of :mod:`fxattn.onnx_optimize`, as in
+            :func:`fxattn.export_onnx` (on by default); the detections are matched after them.
 
     Raises:
         ExportError: no exporter could export the detector (and no part could be exported).
@@ -305,6 +317,10 @@ def export_detector(
 
     if exporter not in DETECTION_EXPORTERS:
         raise ExportError(f"exporter={exporter!r} is not one of {', '.join(DETECTION_EXPORTERS)}")
+    if dia_weights is not None and dia_weights not in DIA_WEIGHT_MODES:
+        raise ExportError(f"dia_weights={dia_weights!r} is not one of "
+                          f"{', '.join(DIA_WEIGHT_MODES)} (or None)")
+    rewrites = resolve_optimize(optimize)
     rule = rule or MatchRule()
     images = _images_of(example)
     target = check_output_path(path, overwrite)
@@ -338,9 +354,14 @@ def export_detector(
                     failures.append(f"{kind}: {text.splitlines()[0] if text else type(exc)}")
             if used is None:
                 raise ExportError(f"ONNX export of the detector failed ({'; '.join(failures)})")
-            seconds = time.perf_counter() - start
             if failures:
                 notes.append(f"fell back to the {used} exporter ({failures[0]})")
+            if used == "torchscript":
+                mark_dia_scopes_in_file(tmp)  # its node names lose DIA's scope
+            if rewrites is not None:
+                rewritten = optimize_onnx_file(tmp, rewrites)
+                notes += [str(rewritten)] if rewritten.changed or rewritten.error else []
+            seconds = time.perf_counter() - start
             match = verify_detections(str(tmp), module, size_sets, rule, seed) if verify \
                 else MatchReport()
             if verify and match.compared == 0 and rule.score_threshold > 0:
@@ -349,15 +370,22 @@ def export_detector(
                 match = verify_detections(str(tmp), module, size_sets, rule, seed)
                 notes.append("no detection scored >= the score threshold; compared every "
                              "detection kept (score_threshold=0)")
+            if dia_weights not in (None, "fp32"):
+                notes.append(apply_dia_weights(tmp, dia_weights))
+                if verify:
+                    notes.append(f"detections matched before DIA's matrices were stored as "
+                                 f"{dia_weights}; the transformed parts are verified with "
+                                 f"{dia_weights}'s tolerance")
             proto = onnx.load(str(tmp))
             file_bytes = onnx_file_bytes(tmp)
-        part_checks = _check_parts(module) if verify and info is not None else {}
+        part_checks = _check_parts(module, dia_weights, optimize) \
+            if verify and info is not None else {}
     except VerificationError:
         raise  # exported, but wrong: never hidden behind the parts' export
     except ExportError as whole:
         if not (parts_fallback and info is not None):
             raise
-        return _export_parts(module, target, overwrite, [str(whole)])
+        return _export_parts(module, target, overwrite, [str(whole)], dia_weights, optimize)
     return DetectionExportReport(
         path=str(target), exporter=used,
         opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0),
@@ -367,17 +395,18 @@ def export_detector(
     )
 
 
-def _check_parts(lean: nn.Module) -> dict[str, ExportReport]:
+def _check_parts(lean: nn.Module, dia_weights: str | None,
+                 optimize: Any) -> dict[str, ExportReport]:
     """Each transformed part exported alone (into a temporary folder) and verified."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        report = _export_parts(lean, Path(folder) / "part.onnx", True, [])
+        report = _export_parts(lean, Path(folder) / "part.onnx", True, [], dia_weights, optimize)
     return report.parts
 
 
-def _export_parts(lean: nn.Module, target: Path, overwrite: bool,
-                  notes: list[str]) -> DetectionExportReport:
+def _export_parts(lean: nn.Module, target: Path, overwrite: bool, notes: list[str],
+                  dia_weights: str | None, optimize: Any) -> DetectionExportReport:
     """Each transformed part of a scoped lean detector, exported and verified on its own."""
     info = scope_info(lean)
     assert info is not None
@@ -388,7 +417,8 @@ def _export_parts(lean: nn.Module, target: Path, overwrite: bool,
         if inputs is None:
             raise ExportError(f"scope part {part_path!r} has no recorded example inputs")
         out = target.with_name(f"{target.stem}.{part_path}.onnx")
-        reports[part_path] = export_onnx(part, out, inputs, overwrite=overwrite)
+        reports[part_path] = export_onnx(part, out, inputs, overwrite=overwrite,
+                                         dia_weights=dia_weights, optimize=optimize)
     return DetectionExportReport(
         path="", exporter="", opset=0, file_bytes=0, nodes=0,
         parameters=count_parameters(lean), export_seconds=0.0, image_sizes=[],
@@ -404,10 +434,12 @@ def is_detection_export(module: nn.Module, inputs: ExampleInputs) -> bool:
 
 def _export_onnx_detector(module: nn.Module, path: Path, inputs: ExampleInputs, *,
                           verify: bool, overwrite: bool, seed: int, exporter: str,
-                          opset: int | None) -> DetectionExportReport:
+                          opset: int | None, dia_weights: str | None,
+                          optimize: Any) -> DetectionExportReport:
     """:func:`fxattn.export_onnx`'s options, passed on to :func:`export_detector`."""
     return export_detector(module, path, inputs.args, verify=verify, overwrite=overwrite,
-                           seed=seed, exporter=exporter, opset=opset)
+                           seed=seed, exporter=exporter, opset=opset, dia_weights=dia_weights,
+                           optimize=optimize)
 
 
 register_special_export(is_detection_export, _export_onnx_detector)

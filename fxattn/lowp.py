@@ -47,6 +47,7 @@ import numpy as np
 from .config import Tolerance
 from .errors import ExportError
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
+from .onnx_graph import graph_reads, node_reads, subgraphs
 
 DIA_PREFIX = "fxattn_dia."
 DIA_WEIGHT_MODES = ("fp32", "fp16", "int8", "int4")
@@ -141,9 +142,7 @@ def gemm_to_matmul(model: Any, prefix: str = DIA_PREFIX) -> int:
 
 
 def _used_names(model: Any) -> set[str]:
-    used = {name for node in model.graph.node for name in node.input}
-    used |= {out.name for out in model.graph.output}
-    return used
+    return graph_reads(model.graph)
 
 
 def _remove_unused_initializers(model: Any) -> None:
@@ -252,13 +251,15 @@ def fold_initial_state(
     """Fold DIA's zero initial state: the first site's hidden path becomes a constant.
 
     A tensor is *known zero* when it comes from ``Expand`` of a zero scalar or ``ConstantOfShape``
-    with value 0 (how ``torch.zeros_like`` exports). Zeros propagate through ``Mul`` (anything
-    times zero), ``Add`` (zero plus x is x), ``Relu``; a ``Gemm``/``MatMul`` of a zero or
-    constant row with constant weights becomes a constant row ``(1, N)`` that broadcasts over
-    the batch in the ``Add`` that follows. Returns the number of nodes removed. ``check=False``
-    leaves ``onnx.checker`` to the caller (it serialises the whole model); ``seeds`` limits the
-    zeros folded to those made by nodes it accepts (``fxattn.onnx_optimize`` passes DIA's own,
-    so zeros elsewhere in a model, whose broadcasts the fold does not track, stay as they are).
+    with value 0 (how ``torch.zeros_like`` exports), or from a ``Constant`` of zeros (how the
+    TorchScript exporter writes it where the batch is fixed, as in a detector). Zeros propagate
+    through ``Mul`` (anything times zero), ``Add`` (zero plus x is x), ``Relu``; a
+    ``Gemm``/``MatMul`` of a zero or constant row with constant weights becomes a constant row
+    ``(1, N)`` that broadcasts over the batch in the ``Add`` that follows. Returns the number of
+    nodes removed. ``check=False`` leaves ``onnx.checker`` to the caller (it serialises the
+    whole model); ``seeds`` limits the zeros folded to those made by nodes it accepts
+    (``fxattn.onnx_optimize`` passes DIA's own, so zeros elsewhere in a model, whose
+    broadcasts the fold does not track, stay as they are).
     """
     import onnx
     from onnx import numpy_helper
@@ -279,14 +280,23 @@ def fold_initial_state(
             name = alias[name]
         return name
 
+    # tensors an If/Loop branch reads by name: their nodes stay (a branch is not rewired)
+    pinned = {name for node in model.graph.node for graph in subgraphs(node)
+              for inner in graph.node for name in node_reads(inner)}
     for node in model.graph.node:
         node.input[:] = [resolve(i) for i in node.input]
         ins = list(node.input)
         op = node.op_type
         out = node.output[0] if node.output else ""
+        if out in pinned:
+            new_nodes.append(node)
+            continue
         seed = seeds is None or seeds(node)
         if op == "Expand" and seed and ins[0] in consts and not np.any(consts[ins[0]]):
             zeros.add(out)
+        elif op == "Constant" and seed and out in consts and consts[out].size \
+                and not np.any(consts[out]):
+            zeros.add(out)  # a zero state the exporter folded (fixed batch: TorchScript)
         elif op == "ConstantOfShape" and seed and not np.any(
             numpy_helper.to_array(_attr(node, "value", None)) if _attr(node, "value", None)
             is not None else 0.0
@@ -326,7 +336,7 @@ def fold_initial_state(
             continue
         new_nodes.append(node)
     # materialise constant rows that are still used
-    used = {i for node in new_nodes for i in node.input}
+    used = {i for node in new_nodes for i in node_reads(node)}
     for name, value in rows.items():
         if name in used:
             model.graph.initializer.append(numpy_helper.from_array(value, name))
@@ -349,7 +359,7 @@ def remove_dead_nodes(model: Any) -> None:
     for node in reversed(list(model.graph.node)):
         if any(o in needed for o in node.output):
             keep.append(node)
-            needed.update(node.input)
+            needed.update(node_reads(node))  # an If's branches read outer names too
     del model.graph.node[:]
     model.graph.node.extend(reversed(keep))
 

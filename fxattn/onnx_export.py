@@ -307,12 +307,12 @@ def _export_checked(
         if compat.report.changed:
             notes.append(str(compat.report))
         if exporter == "torchscript":
-            _mark_dia_scopes(tmp)
+            mark_dia_scopes_in_file(tmp)
         return notes
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def _mark_dia_scopes(path: Path) -> None:
+def mark_dia_scopes_in_file(path: Path) -> None:
     """Record DIA's scopes in a TorchScript export (:func:`fxattn.onnx_optimize.mark_dia_scopes`:
     its node names lose them), so that DIA's rewrites find its nodes."""
     import onnx
@@ -368,7 +368,8 @@ def export_onnx(
             changed by them.
 
     A detector (a scoped fxattn model, or a module fed a list of images) is exported whole
-    by :func:`fxattn.export_detection.export_detector`, which verifies detections instead of
+    by :func:`fxattn.export_detection.export_detector` (``exporter``, ``opset``, ``verify``,
+    ``seed``, ``dia_weights`` and ``optimize`` passed on), which verifies detections instead of
     elements and returns its ``DetectionExportReport``.
 
     Raises:
@@ -409,7 +410,8 @@ def export_onnx(
     for recognises, special_export in SPECIAL_EXPORTS:  # e.g. list[image] -> list[dict]
         if recognises(module, inputs):
             return special_export(module, target, inputs, verify=verify,  # type: ignore
-                                  overwrite=overwrite, seed=seed, exporter=exporter, opset=opset)
+                                  overwrite=overwrite, seed=seed, exporter=exporter, opset=opset,
+                                  dia_weights=dia_weights, optimize=optimize)
     if isinstance(module, AttentionGraphModule):
         from .transform import strip_ssia
 

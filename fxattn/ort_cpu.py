@@ -74,6 +74,7 @@ from .errors import ConfigError, ExportError, VerificationError, first_line
 from .lowp import LOWP_ATOL, LOWP_RTOL, remove_dead_nodes
 from .onnx_export import atomic_path, check_output_path
 from .onnx_files import save_with_external_data
+from .onnx_graph import graph_reads, readers
 from .onnx_optimize import in_dia, node_attr, tensor_shapes
 from .runtime import ort_session
 from .verify import element_ratios
@@ -245,10 +246,7 @@ class _Graph:
     def __init__(self, graph: Any) -> None:
         self.graph = graph
         self.producer = {out: node for node in graph.node for out in node.output}
-        self.users: dict[str, list[Any]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.users.setdefault(name, []).append(node)
+        self.users = readers(graph)
         self.outputs = {value.name for value in graph.output}
 
     def only_user(self, tensor: str, op_type: str) -> Any | None:
@@ -592,7 +590,7 @@ class _Fuser:
         del graph.node[:]
         graph.node.extend(nodes)
         remove_dead_nodes(self.model)
-        used = {name for node in graph.node for name in node.input}
+        used = graph_reads(graph)
         graph.initializer.extend(c for c in self.constants if c.name in used)
         del graph.value_info[:]  # onnxruntime's were for its own graph; shapes are static now
 

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import onnx
 import pytest
 import torch
 import torchvision
@@ -20,6 +21,8 @@ from torch.utils._pytree import tree_leaves
 
 import fxattn
 from fxattn.detection import MatchRule, match_detections, random_detection_batch
+from fxattn.lowp import LOWP_ATOL
+from fxattn.onnx_optimize import in_dia
 from fxattn.scope import ScopePlan
 
 NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -196,6 +199,31 @@ def test_whole_lean_detector_exports_with_matching_detections(exported: tuple) -
     assert list(report.part_checks) == ["backbone"]
     assert report.part_checks["backbone"].verification.passed
     assert "verified elementwise" in str(report)
+    # the exact DIA rewrites ran on the whole detector too (its post-processing's If branches
+    # read outer tensors; the zero state is a Constant there), and the detections matched after
+    rewrites = next(n for n in report.notes if n.startswith("exact DIA rewrites"))
+    assert "blocked_pool 10" in rewrites and "fold_initial_state" in rewrites
+    model = onnx.load(report.path)
+    assert sum(n.op_type == "GlobalAveragePool" and in_dia(n) for n in model.graph.node) == 10
+    assert not [n for n in model.graph.node
+                if n.op_type == "Constant" and "/g0/hidden_path" in n.name]
+
+
+def test_detector_with_int4_dia_matrices(net: nn.Module, batch: tuple, tmp_path: Path) -> None:
+    """``dia_weights`` reaches the whole-detector export: DIA's matrices (and only they) become
+    MatMulNBits, detections are matched before, the parts verified with int4's tolerance."""
+    images, _ = batch
+    lean = fxattn.strip_ssia(net)
+    report = fxattn.export_onnx(lean, tmp_path / "det.onnx", (images,), dia_weights="int4")
+    assert report.whole_model and report.verified and report.match.matched > 0
+    assert any("stored as int4 MatMulNBits" in n for n in report.notes)
+    part = report.part_checks["backbone"]
+    assert part.verification.passed and part.verification.tolerance.atol == LOWP_ATOL["int4"]
+    products = [n for n in onnx.load(report.path).graph.node if n.op_type == "MatMulNBits"]
+    assert products and all("fxattn_dia" in n.input[1] for n in products)
+    with pytest.raises(fxattn.FxAttnError, match="dia_weights='int3' is not one of"):
+        fxattn.export_onnx(lean, tmp_path / "bad.onnx", (images,), dia_weights="int3")
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 def test_matching_rule_allows_ties_and_the_cut_only() -> None:
