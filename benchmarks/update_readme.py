@@ -33,6 +33,8 @@ SECTIONS: list[tuple[str, str, str | None]] = [
     ("Low-precision DIA weights: accuracy effect of the block size (MNIST-1D, wider models)",
      "lowp_blocks.md", None),
     ("DIA across backbone families", "families.md", None),
+    ("Whole lean DIA detectors: the exact DIA rewrites on and off (onnxruntime CPU)",
+     "detector_rewrites.md", None),
     ("Zoo coverage", "zoo.md", "Summary"),
 ]
 
