@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from .config import DEFAULT_ATOL, DEFAULT_RTOL
 from .errors import ConfigError, FxAttnError, ModelSpecError
+from .lowp import DIA_WEIGHT_MODES
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -230,7 +231,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         report = export_onnx(module, args.output, example, opset=args.opset,
                              exporter=args.exporter, verify=not args.no_verify, atol=args.atol,
                              rtol=args.rtol, float64_check=not args.no_float64_check,
-                             overwrite=args.force)
+                             overwrite=args.force, dia_weights=args.dia_weights,
+                             optimize=args.optimize)
     print(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
@@ -325,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=_opset, default=None,
                    help="ONNX opset (default: the exporter's)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto")
+    p.add_argument("--dia-weights", choices=list(DIA_WEIGHT_MODES), default=None,
+                   help="store DIA's matrices at this precision (verified with its looser "
+                        "tolerance; default: fp32)")
+    p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
+                   help="the exact DIA rewrites for onnxruntime (default: yes)")
     _add_tolerance_args(p)
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--json", help="also write the export report as JSON to this file")

@@ -25,6 +25,11 @@ def subgraphs(node: Any) -> Iterable[Any]:
             yield from attribute.graphs
 
 
+def has_control_flow(graph: Any) -> bool:
+    """Whether a node of ``graph`` holds a subgraph (``If``, ``Loop``, ``Scan``)."""
+    return any(next(iter(subgraphs(node)), None) is not None for node in graph.node)
+
+
 def node_reads(node: Any) -> list[str]:
     """The names ``node`` reads: its inputs, then every name its subgraphs' nodes read (at any
     depth). Names a subgraph makes itself are included too: harmless where the question is

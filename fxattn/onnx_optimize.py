@@ -80,7 +80,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .onnx_graph import graph_reads, readers, subgraphs
+from .onnx_graph import graph_reads, has_control_flow, readers
 
 #: name scope of DIA's modules in the exported graph (``fxattn_dia.g0`` ...)
 DIA_SCOPE = "fxattn_dia."
@@ -261,7 +261,7 @@ def _inferred_shapes(model: Any) -> Any | None:
     gives the rewrites the shapes they need there (the DIA sites sit in the backbone)."""
     import onnx
 
-    if not any(any(True for _ in subgraphs(node)) for node in model.graph.node):
+    if not has_control_flow(model.graph):
         try:
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 

@@ -74,7 +74,7 @@ from .errors import ConfigError, ExportError, VerificationError, first_line
 from .lowp import LOWP_ATOL, LOWP_RTOL, remove_dead_nodes
 from .onnx_export import atomic_path, check_output_path
 from .onnx_files import save_with_external_data
-from .onnx_graph import graph_reads, readers, subgraphs
+from .onnx_graph import graph_reads, has_control_flow, readers
 from .onnx_optimize import in_dia, node_attr, tensor_shapes
 from .runtime import ort_session
 from .verify import element_ratios
@@ -637,7 +637,7 @@ def compile_ort_cpu(onnx_path: str | Path, output_path: str | Path, batch_size: 
         model = onnx.load(str(source))
     except Exception as exc:  # noqa: BLE001 - onnx's own failure, in one line
         raise ExportError(f"{source} is not a readable ONNX model: {first_line(exc)}") from exc
-    if any(any(True for _ in subgraphs(node)) for node in model.graph.node):
+    if has_control_flow(model.graph):
         raise ConfigError(
             f"{source} has control flow (If/Loop nodes, as a whole-detector export has); "
             "compile_ort_cpu fixes the batch of a batch-major graph and cannot here. Deploy "

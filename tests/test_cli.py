@@ -60,6 +60,26 @@ def test_export_from_spec_and_from_saved_file(tmp_path: Path,
     assert "onnxruntime vs PyTorch" in capsys.readouterr().out
 
 
+def test_export_with_int4_dia_weights_and_without_the_rewrites(tmp_path: Path) -> None:
+    import onnx
+
+    argv = ["export", "torchvision:resnet18", "--input-shape", "2,3,32,32", "--no-ssia",
+            "--exporter", "torchscript"]
+    assert main([*argv, "-o", str(tmp_path / "int4.onnx"), "--dia-weights", "int4",
+                 "--json", str(tmp_path / "int4.json")]) == 0
+    products = [n for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node
+                if n.op_type == "MatMulNBits"]
+    assert products and all("fxattn_dia" in n.input[1] for n in products)
+    report = json.loads((tmp_path / "int4.json").read_text())
+    assert report["verified"] and any("exact DIA rewrites" in n for n in report["notes"])
+    assert main([*argv, "-o", str(tmp_path / "plain.onnx"), "--no-optimize",
+                 "--json", str(tmp_path / "plain.json")]) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert plain["verified"] and not any("exact DIA rewrites" in n for n in plain["notes"])
+    assert main([*argv, "-o", str(tmp_path / "bad.onnx"), "--dia-weights", "int3"]) != 0
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path), "--steps", "3", "--size", "64"]) == 0
     out = capsys.readouterr().out

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 import fxattn
 from fxattn.lowp import fold_initial_state, remove_dead_nodes
-from fxattn.onnx_graph import graph_reads, node_reads, readers
+from fxattn.onnx_graph import graph_reads, has_control_flow, node_reads, readers
 
 
 def branch_model() -> onnx.ModelProto:
@@ -76,3 +76,11 @@ def test_compile_ort_cpu_refuses_a_graph_with_branches(tmp_path: Path) -> None:
     with pytest.raises(fxattn.FxAttnError, match="has control flow .* Deploy the portable file"):
         fxattn.compile_ort_cpu(path, tmp_path / "branches.b1.onnx", batch_size=1)
     assert not (tmp_path / "branches.b1.onnx").exists()
+
+
+def test_control_flow_is_found() -> None:
+    assert has_control_flow(branch_model().graph)
+    plain = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "plain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    assert not has_control_flow(plain)
