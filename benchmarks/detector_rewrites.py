@@ -3,10 +3,10 @@
 ``fxattn.export_onnx`` exports a torchvision detector whole (pre-processing to NMS) through
 ``fxattn.export_detection``; the exact rewrites of ``fxattn.onnx_optimize`` (on by default) now
 apply there too. For each detector (random weights, SSIA off) this script exports the original,
-the lean DIA detector with ``optimize=False`` and with the defaults, and times the three files
-interleaved in one process (onnxruntime CPU, 2 intra-op threads, no spinning, every session
-alive, ``fxattn.bench.interleaved_samples``: warm-up, then rounds in a shuffled order;
-medians)::
+the lean DIA detector with ``optimize=False``, with the defaults and with int4 DIA matrices
+(``dia_weights="int4"``), and times the four files interleaved in one process (onnxruntime
+CPU, 2 intra-op threads, no spinning, every session alive,
+``fxattn.bench.interleaved_samples``: warm-up, then rounds in a shuffled order; medians)::
 
     python benchmarks/detector_rewrites.py                 # Faster R-CNN MobileNetV3-320, RetinaNet
     python benchmarks/detector_rewrites.py --models fasterrcnn_mobilenet_v3_large_320_fpn
@@ -17,10 +17,8 @@ Writes ``benchmarks/results/detector_rewrites.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import shlex
 import sys
 import tempfile
 import warnings
@@ -36,6 +34,9 @@ from fxattn.detection import random_detection_batch
 from fxattn.runtime import ort_session
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from results_io import command_line, write_results  # noqa: E402
 
 #: detector -> keyword arguments of its builder (image size: what its transform resizes to)
 MODELS = {
@@ -53,13 +54,15 @@ def build(name: str, folder: Path, size: int) -> tuple[dict[str, Path], dict[str
         warnings.simplefilter("ignore")
         lean = fxattn.strip_ssia(fxattn.transform(detector, batch, ssia=False))
     images = (batch[0][:1],)  # one image: one ONNX input
-    files = {"original": folder / "original.onnx", "lean-unoptimized": folder / "plain.onnx",
-             "lean": folder / "lean.onnx"}
+    variants = {"original": (detector, True, None), "lean-unoptimized": (lean, False, None),
+                "lean": (lean, True, None), "lean-int4": (lean, True, "int4")}
+    files = {key: folder / f"{key}.onnx" for key in variants}
     notes = {}
-    for key, module, optimize in (("original", detector, True),
-                                  ("lean-unoptimized", lean, False), ("lean", lean, True)):
-        report = fxattn.export_onnx(module, files[key], images, optimize=optimize)
-        notes[key] = "; ".join(n for n in report.notes if n.startswith("exact DIA")) or "-"
+    for key, (module, optimize, dia_weights) in variants.items():
+        report = fxattn.export_onnx(module, files[key], images, optimize=optimize,
+                                    dia_weights=dia_weights)
+        notes[key] = "; ".join(n.split(" (")[0] for n in report.notes
+                               if n.startswith(("exact DIA", "DIA matrices"))) or "-"
         print(f"{name} {key}: {report.nodes} nodes; {notes[key]}", flush=True)
     return files, notes
 
@@ -114,16 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                         "p50_ms": {k: float(np.median(v)) for k, v in samples.items()},
                         "samples_ms": samples}
     results = {
-        "command": "python benchmarks/detector_rewrites.py" + "".join(
-            f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command_line("detector_rewrites.py", argv),
         "machine": machine_info(args.threads, False), "threads": args.threads,
         "size": args.size, "rounds": args.rounds, "load_before": list(load_before),
         "load_after": list(os.getloadavg()), "models": models}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "detector_rewrites.json").write_text(json.dumps(results, indent=1))
-    text = markdown(results)
-    (args.out / "detector_rewrites.md").write_text(text)
-    print(text)
+    write_results(args.out, "detector_rewrites", results, markdown(results))
     return 0
 
 

@@ -25,10 +25,8 @@ Writes ``benchmarks/results/dia_int4_ablation.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +47,7 @@ sys.path.insert(0, str(HERE))
 
 from dia_lowp import BASELINE, BOOTSTRAP, add_block_arguments, statistics  # noqa: E402
 from dia_vs_handwritten import time_blocks  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
 
 WHAT = {
     "original-ort-cpu": "ResNet-50, compiled",
@@ -188,16 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         load_after = os.getloadavg()
     stats = statistics(samples)
     results = {
-        "command": "python benchmarks/dia_int4_ablation.py" + "".join(
-            f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command_line("dia_int4_ablation.py", argv),
         "machine": machine_info(args.threads, True), "threads": args.threads, "size": args.size,
         "load_before": list(load_before), "load_after": list(load_after),
         "batch1": {**{k: v for k, v in stats.items() if k != "verdict"}, "samples_ms": samples}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dia_int4_ablation.json").write_text(json.dumps(results, indent=1))
-    text = markdown(results)
-    (args.out / "dia_int4_ablation.md").write_text(text)
-    print(text)
+    write_results(args.out, "dia_int4_ablation", results, markdown(results))
     return 0
 
 

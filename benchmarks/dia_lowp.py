@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import shlex
 import shutil
 import sys
 import tempfile
@@ -49,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from dia_vs_handwritten import BOOTSTRAP, resampled, time_blocks  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
 
 TARGET = 0.12
 BASELINE = "original-ort-cpu"
@@ -181,18 +181,13 @@ def main(argv: list[str] | None = None) -> int:
                                                    if k != "samples_ms"}), flush=True)
         load_after = os.getloadavg()
     results = {
-        "command": "python benchmarks/dia_lowp.py" + "".join(
-            f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command_line("dia_lowp.py", argv),
         "machine": machine_info(args.threads, args.spinning), "threads": args.threads,
         "size": args.size, "spinning": args.spinning,
         "load_before": list(load_before), "load_after": list(load_after), "batches": batches,
     }
     stem = "dia_lowp_spinning" if args.spinning else "dia_lowp"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    text = markdown(results)
-    (args.out / f"{stem}.md").write_text(text)
-    print(text)
+    write_results(args.out, stem, results, markdown(results))
     return 0
 
 

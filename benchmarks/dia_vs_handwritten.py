@@ -40,7 +40,6 @@ import gc
 import json
 import os
 import random
-import shlex
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -59,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from handwritten_dia import matched_hand_dia  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
 
 TARGET_SHARE = 0.85
 BOOTSTRAP = 5000
@@ -334,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batch {batch}: {json.dumps(summary)}", flush=True)
         load_after = os.getloadavg()
     results = {
-        "command": "python benchmarks/dia_vs_handwritten.py"
-                   + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None
-                                                            else sys.argv[1:])),
+        "command": command_line("dia_vs_handwritten.py", argv),
         "machine": machine_info(args.threads, args.spinning), "threads": args.threads,
         "size": args.size,
         "load_before": list(load_before), "load_after": list(load_after),
@@ -351,12 +349,7 @@ def _stem(spinning: bool) -> str:
 
 
 def write(results: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = _stem(results.get("spinning", False))
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    text = markdown(results)
-    (out / f"{stem}.md").write_text(text)
-    print(text)
+    write_results(out, _stem(results.get("spinning", False)), results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ Writes ``benchmarks/results/lowp_blocks.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -43,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import accuracy, fit  # noqa: E402
 from evidence import _onnx_eval, build, paired, task_data  # noqa: E402
 from evidence_tasks import TASKS  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
 
 import fxattn  # noqa: E402
 from fxattn.lowp import apply_dia_weights  # noqa: E402
@@ -145,15 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                                                       if r["widths"] == list(widths)])
                for widths in WIDTHS}
     results = {
-        "command": "python benchmarks/lowp_blocks.py" + "".join(
-            f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])),
+        "command": command_line("lowp_blocks.py", argv),
         "epochs": args.epochs, "lr": LR, "load_average": list(os.getloadavg()),
         "summary": summary, "runs": records}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lowp_blocks.json").write_text(json.dumps(results, indent=1))
-    text = markdown(results)
-    (args.out / "lowp_blocks.md").write_text(text)
-    print(text)
+    write_results(args.out, "lowp_blocks", results, markdown(results))
     return 0
 
 
