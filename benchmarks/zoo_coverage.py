@@ -1079,7 +1079,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only rewrite zoo.md")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", action="append", default=[],
-                        help="a remark on the run for zoo.md (repeatable; kept in zoo.json)")
+                        help="a remark on the run for zoo.md, added to the earlier ones "
+                             "(repeatable; kept in zoo.json; --fresh starts over)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -1092,8 +1093,9 @@ def main(argv: list[str] | None = None) -> int:
     json_path, md_path = args.out / "zoo.json", args.out / "zoo.md"
     families = tuple(args.family or FAMILIES)
     results = {} if args.fresh else load_results(json_path)
-    notes = args.note or ([] if args.fresh or not json_path.exists()
-                          else json.loads(json_path.read_text()).get("notes", []))
+    kept = [] if args.fresh or not json_path.exists() else json.loads(
+        json_path.read_text()).get("notes", [])
+    notes = kept + [note for note in args.note if note not in kept]  # a rerun adds its note
     planned = all_models(families)
     if args.family and json_path.exists():
         previous = json.loads(json_path.read_text()).get("planned", [])

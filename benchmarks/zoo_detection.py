@@ -120,7 +120,9 @@ def run_detection_pipeline(model_id: str, first_line: Callable[[BaseException], 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "detector.onnx"
             report = export_detector(lean, path, images, verify=False, parts_fallback=False)
-            record.update(exporter=report.exporter, onnx_nodes=report.nodes)
+            record.update(exporter=report.exporter, onnx_nodes=report.nodes,
+                          rewrites=next((n for n in report.notes
+                                         if n.startswith("exact DIA rewrites")), ""))
             stage = "parity"
             sizes = [list(SIZES), [(h * 5 // 4, w * 3 // 4) for h, w in SIZES]]
             match = verify_detections(str(path), lean, sizes)

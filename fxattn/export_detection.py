@@ -395,8 +395,8 @@ def export_detector(
     )
 
 
-def _check_parts(lean: nn.Module, dia_weights: str | None,
-                 optimize: Any) -> dict[str, ExportReport]:
+def _check_parts(lean: nn.Module, dia_weights: str | None = None,
+                 optimize: Any = True) -> dict[str, ExportReport]:
     """Each transformed part exported alone (into a temporary folder) and verified."""
     import tempfile
 
