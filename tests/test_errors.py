@@ -294,6 +294,7 @@ DEDICATED_TESTS = {
     "cli-internal-error": "test_cli_internal_error_is_one_line",
     "cli-debug": "test_cli_debug_shows_the_traceback",
     "compile-fixed-batch": "test_compiling_a_fixed_batch_model_at_another_batch",
+    "compile-control-flow": "test_compiling_a_graph_with_branches",
 }
 
 # --------------------------------------------------------------------------- files: export
@@ -439,6 +440,18 @@ def test_compiling_a_fixed_batch_model_at_another_batch(lean: torch.fx.GraphModu
     with pytest.raises(fxattn.ConfigError, match="fixed batch of 2, not 4; compile with "
                                                  "batch_size=2"):
         fxattn.compile_ort_cpu(tmp_path / "b2.onnx", tmp_path / "b4.onnx", 4)
+    assert folder_state(tmp_path) == before
+
+
+def test_compiling_a_graph_with_branches(tmp_path: Path) -> None:
+    """A graph with an ``If`` (as a whole-detector export has): nothing to compile, no file."""
+    import onnx
+    from test_onnx_graph import branch_model
+
+    onnx.save(branch_model(), str(tmp_path / "branches.onnx"))
+    before = folder_state(tmp_path)
+    with pytest.raises(fxattn.ConfigError, match="has control flow .* Deploy the portable file"):
+        fxattn.compile_ort_cpu(tmp_path / "branches.onnx", tmp_path / "branches.b1.onnx", 1)
     assert folder_state(tmp_path) == before
 
 

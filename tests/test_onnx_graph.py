@@ -7,15 +7,11 @@ whole Faster R-CNN failed the checker: "Nodes in a graph must be topologically s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto, helper
 
-import fxattn
 from fxattn.lowp import fold_initial_state, remove_dead_nodes
 from fxattn.onnx_graph import graph_reads, has_control_flow, node_reads, readers
 
@@ -67,15 +63,6 @@ def test_the_state_fold_keeps_a_tensor_a_branch_reads() -> None:
     fold_initial_state(model)
     assert [n.name for n in model.graph.node] == ["zeros", "relu", "if"]
     onnx.checker.check_model(model, full_check=True)
-
-
-def test_compile_ort_cpu_refuses_a_graph_with_branches(tmp_path: Path) -> None:
-    """A whole-detector export has If nodes and images (C, H, W) as inputs: no batch to fix."""
-    path = tmp_path / "branches.onnx"
-    onnx.save(branch_model(), str(path))
-    with pytest.raises(fxattn.FxAttnError, match="has control flow .* Deploy the portable file"):
-        fxattn.compile_ort_cpu(path, tmp_path / "branches.b1.onnx", batch_size=1)
-    assert not (tmp_path / "branches.b1.onnx").exists()
 
 
 def test_control_flow_is_found() -> None:
