@@ -40,7 +40,7 @@ from .config import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
 from .errors import ConfigError, ExportError, InputError, first_line
 from .export_compat import ExportCompatMode
 from .graph_module import AttentionGraphModule, unwrap
-from .lowp import apply_dia_weights
+from .lowp import DIA_WEIGHT_MODES, apply_dia_weights
 from .lowp import tolerance as lowp_tolerance
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
 from .onnx_optimize import mark_dia_scopes
@@ -382,6 +382,9 @@ def export_onnx(
 
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter={exporter!r} is not one of {', '.join(EXPORTERS)}")
+    if dia_weights is not None and dia_weights not in DIA_WEIGHT_MODES:  # before a long export
+        raise ExportError(f"dia_weights={dia_weights!r} is not one of "
+                          f"{', '.join(DIA_WEIGHT_MODES)} (or None)")
     if not isinstance(module, nn.Module):
         raise InputError(f"export_onnx needs an nn.Module, got {type(module).__name__}")
     fixed_batch = _fixed_batch(unwrap(module))

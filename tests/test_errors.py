@@ -349,6 +349,10 @@ def _export_bad_exporter(lean: nn.Module, tmp_path: Path) -> None:
     export_onnx(lean, tmp_path / "model.onnx", X, exporter="tensorrt")
 
 
+def _export_bad_dia_weights(lean: nn.Module, tmp_path: Path) -> None:
+    export_onnx(lean, tmp_path / "model.onnx", X, dia_weights="int3")
+
+
 def _export_wrong_inputs(lean: nn.Module, tmp_path: Path) -> None:
     export_onnx(lean, tmp_path / "model.onnx", torch.randn(2, 4, 16, 16))
 
@@ -403,6 +407,8 @@ FILE_CASES: dict[str, tuple[Callable[[nn.Module, Path], None], type[Exception], 
     "export-bad-rtol": (_export_bad_rtol, fxattn.ExportError, "rtol"),
     "export-zero-tolerance": (_export_zero_tolerance, fxattn.ExportError, "both 0"),
     "export-unknown-exporter": (_export_bad_exporter, fxattn.ExportError, "'tensorrt'"),
+    "export-bad-dia-weights": (_export_bad_dia_weights, fxattn.ExportError,
+                               "dia_weights='int3' is not one of fp32, fp16, int8, int4"),
     "export-wrong-inputs": (_export_wrong_inputs, fxattn.InputError,
                             "cannot run on the example inputs .*3 channels"),
     "export-no-tensor-output": (_export_no_tensor_output, fxattn.ExportError,
