@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .detection import MatchReport, MatchRule, match_detections
 from .errors import ExportError, InputError, VerificationError, first_line
 from .graph_module import unwrap
-from .lowp import DIA_WEIGHT_MODES, apply_dia_weights
+from .lowp import apply_dia_weights, check_dia_weights
 from .onnx_export import (
     ExportReport,
     atomic_path,
@@ -317,9 +317,7 @@ def export_detector(
 
     if exporter not in DETECTION_EXPORTERS:
         raise ExportError(f"exporter={exporter!r} is not one of {', '.join(DETECTION_EXPORTERS)}")
-    if dia_weights is not None and dia_weights not in DIA_WEIGHT_MODES:
-        raise ExportError(f"dia_weights={dia_weights!r} is not one of "
-                          f"{', '.join(DIA_WEIGHT_MODES)} (or None)")
+    check_dia_weights(dia_weights)
     rewrites = resolve_optimize(optimize)
     rule = rule or MatchRule()
     images = _images_of(example)
@@ -359,8 +357,7 @@ def export_detector(
             if used == "torchscript":
                 mark_dia_scopes_in_file(tmp)  # its node names lose DIA's scope
             if rewrites is not None:
-                rewritten = optimize_onnx_file(tmp, rewrites)
-                notes += [str(rewritten)] if rewritten.changed or rewritten.error else []
+                notes += optimize_onnx_file(tmp, rewrites).notes
             seconds = time.perf_counter() - start
             match = verify_detections(str(tmp), module, size_sets, rule, seed) if verify \
                 else MatchReport()

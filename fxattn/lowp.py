@@ -141,12 +141,8 @@ def gemm_to_matmul(model: Any, prefix: str = DIA_PREFIX) -> int:
     return rewritten
 
 
-def _used_names(model: Any) -> set[str]:
-    return graph_reads(model.graph)
-
-
 def _remove_unused_initializers(model: Any) -> None:
-    used = _used_names(model)
+    used = graph_reads(model.graph)
     keep = [init for init in model.graph.initializer if init.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
@@ -362,6 +358,14 @@ def remove_dead_nodes(model: Any) -> None:
             needed.update(node_reads(node))  # an If's branches read outer names too
     del model.graph.node[:]
     model.graph.node.extend(reversed(keep))
+
+
+def check_dia_weights(mode: str | None) -> None:
+    """Refuse a ``dia_weights`` that is not one of :data:`DIA_WEIGHT_MODES` (``None``: as
+    exported); exports call it before exporting, which can take minutes."""
+    if mode is not None and mode not in DIA_WEIGHT_MODES:
+        raise ExportError(f"dia_weights={mode!r} is not one of {', '.join(DIA_WEIGHT_MODES)} "
+                          "(or None)")
 
 
 def apply_dia_weights(

@@ -40,7 +40,7 @@ from .config import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
 from .errors import ConfigError, ExportError, InputError, first_line
 from .export_compat import ExportCompatMode
 from .graph_module import AttentionGraphModule, unwrap
-from .lowp import DIA_WEIGHT_MODES, apply_dia_weights
+from .lowp import apply_dia_weights, check_dia_weights
 from .lowp import tolerance as lowp_tolerance
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
 from .onnx_optimize import mark_dia_scopes
@@ -382,9 +382,7 @@ def export_onnx(
 
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter={exporter!r} is not one of {', '.join(EXPORTERS)}")
-    if dia_weights is not None and dia_weights not in DIA_WEIGHT_MODES:  # before a long export
-        raise ExportError(f"dia_weights={dia_weights!r} is not one of "
-                          f"{', '.join(DIA_WEIGHT_MODES)} (or None)")
+    check_dia_weights(dia_weights)
     if not isinstance(module, nn.Module):
         raise InputError(f"export_onnx needs an nn.Module, got {type(module).__name__}")
     fixed_batch = _fixed_batch(unwrap(module))
@@ -456,8 +454,7 @@ def export_onnx(
             batch_sizes = (static, static)  # no other size runs: two fresh draws of it
             notes.append(_static_batch_note(static, captured=fixed_batch is not None))
         if rewrites is not None:  # exact DIA rewrites; lowp below composes with them
-            rewritten = optimize_onnx_file(tmp, rewrites)
-            notes += [str(rewritten)] if rewritten.changed or rewritten.error else []
+            notes += optimize_onnx_file(tmp, rewrites).notes
         seconds = time.perf_counter() - start
         if dia_weights not in (None, "fp32"):
             notes.append(apply_dia_weights(tmp, dia_weights))

@@ -148,6 +148,11 @@ class OptimizeReport:
     def changed(self) -> bool:
         return not self.error and any(self.counts.values())
 
+    @property
+    def notes(self) -> list[str]:
+        """The export report's note: what changed or why nothing did; none when nothing applied."""
+        return [str(self)] if self.changed or self.error else []
+
     def __str__(self) -> str:
         if self.error:
             return f"exact DIA rewrites skipped ({self.error}); the graph is as exported"
@@ -363,7 +368,7 @@ def pool_before_conv(model: Any, shapes: dict, consts: dict, composing: bool = F
     import onnx
 
     producer = {out: node for node in model.graph.node for out in node.output}
-    users = _users(model)
+    users = readers(model.graph)  # an If's branches count as readers too
     nodes, count = [], 0
     for node in model.graph.node:
         pool = in_dia(node) and (node.op_type == "GlobalAveragePool"
@@ -406,7 +411,7 @@ def compose_first_layer(model: Any, shapes: dict, consts: dict) -> int:
     from onnx import numpy_helper
 
     producer = {out: node for node in model.graph.node for out in node.output}
-    users = _users(model)
+    users = readers(model.graph)  # an If's branches count as readers too
     replaced: dict[int, Any] = {}  # id(node) -> its replacement (None: removed)
     retired: set[str] = set()  # initializers the composed layers no longer read
     for conv in model.graph.node:
@@ -444,10 +449,6 @@ def compose_first_layer(model: Any, shapes: dict, consts: dict) -> int:
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
     return len(replaced) // 2
-
-
-def _users(model: Any) -> dict[str, list[Any]]:
-    return readers(model.graph)  # an If's branches count as readers of the names they read
 
 
 def _first_layer(pooled: str, users: dict, consts: dict) -> tuple[Any, Any] | None:
@@ -565,7 +566,7 @@ def fused_residual(model: Any, shapes: dict, consts: dict) -> int:
     import onnx
 
     producer = {out: node for node in model.graph.node for out in node.output}
-    users = _users(model)
+    users = readers(model.graph)  # an If's branches count as readers too
 
     def blocked_product(name: str) -> bool:
         """Made by ``blocked_scale``: a DIA ``Mul`` by an expanded (``Resize``d) scale."""
