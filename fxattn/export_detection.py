@@ -49,7 +49,7 @@ from .onnx_export import (
     ort_session,
     register_special_export,
 )
-from .onnx_optimize import optimize_onnx_file, resolve_optimize
+from .onnx_optimize import OnnxOptimize, optimize_onnx_file, resolve_optimize
 from .scope import parts_of, scope_info
 from .tracing import ExampleInputs, count_parameters
 
@@ -282,7 +282,7 @@ def export_detector(
     overwrite: bool = True,
     seed: int = 0,
     dia_weights: str | None = None,
-    optimize: Any = True,
+    optimize: bool | OnnxOptimize | None = True,
 ) -> DetectionExportReport:
     """Export a detector's eval forward (``list[image] -> list[dict]``) to ONNX, verified.
 
@@ -393,7 +393,7 @@ def export_detector(
 
 
 def _check_parts(lean: nn.Module, dia_weights: str | None = None,
-                 optimize: Any = True) -> dict[str, ExportReport]:
+                 optimize: bool | OnnxOptimize | None = True) -> dict[str, ExportReport]:
     """Each transformed part exported alone (into a temporary folder) and verified."""
     import tempfile
 
@@ -403,7 +403,8 @@ def _check_parts(lean: nn.Module, dia_weights: str | None = None,
 
 
 def _export_parts(lean: nn.Module, target: Path, overwrite: bool, notes: list[str],
-                  dia_weights: str | None, optimize: Any) -> DetectionExportReport:
+                  dia_weights: str | None,
+                  optimize: bool | OnnxOptimize | None) -> DetectionExportReport:
     """Each transformed part of a scoped lean detector, exported and verified on its own."""
     info = scope_info(lean)
     assert info is not None
@@ -432,7 +433,7 @@ def is_detection_export(module: nn.Module, inputs: ExampleInputs) -> bool:
 def _export_onnx_detector(module: nn.Module, path: Path, inputs: ExampleInputs, *,
                           verify: bool, overwrite: bool, seed: int, exporter: str,
                           opset: int | None, dia_weights: str | None,
-                          optimize: Any) -> DetectionExportReport:
+                          optimize: bool | OnnxOptimize | None) -> DetectionExportReport:
     """:func:`fxattn.export_onnx`'s options, passed on to :func:`export_detector`."""
     return export_detector(module, path, inputs.args, verify=verify, overwrite=overwrite,
                            seed=seed, exporter=exporter, opset=opset, dia_weights=dia_weights,

@@ -43,7 +43,7 @@ from .graph_module import AttentionGraphModule, unwrap
 from .lowp import apply_dia_weights, check_dia_weights
 from .lowp import tolerance as lowp_tolerance
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
-from .onnx_optimize import mark_dia_scopes
+from .onnx_optimize import OnnxOptimize, mark_dia_scopes
 from .runtime import ort_feed, ort_session
 from .tracing import ExampleInputs, count_parameters
 from .verify import VerificationReport, verify_onnx
@@ -337,7 +337,7 @@ def export_onnx(
     overwrite: bool = True,
     seed: int = 0,
     dia_weights: str | None = None,
-    optimize: Any = True,
+    optimize: bool | OnnxOptimize | None = True,
 ) -> ExportReport:
     """Export ``module`` to ``path`` as ONNX with a dynamic batch and verify it in onnxruntime.
 
