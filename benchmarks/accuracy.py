@@ -52,9 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resnet20 import ResNet20  # noqa: E402
 
 import fxattn  # noqa: E402
+from fxattn.analysis.graph import count_parameters  # noqa: E402
 from fxattn.bench import interleaved  # noqa: E402
-from fxattn.onnx_export import export_onnx, ort_feed, ort_session  # noqa: E402
-from fxattn.tracing import ExampleInputs, count_parameters  # noqa: E402
+from fxattn.capture import ExampleInputs  # noqa: E402
+from fxattn.export import export_onnx  # noqa: E402
+from fxattn.export.runtime import ort_feed, ort_session  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS: dict[str, dict[str, Any]] = {

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fxattn.onnx_export import ort_session  # noqa: E402
+from fxattn.export.runtime import ort_session  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

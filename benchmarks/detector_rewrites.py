@@ -1,7 +1,7 @@
 """Whole lean DIA detectors in onnxruntime, with and without the exact DIA rewrites.
 
 ``fxattn.export_onnx`` exports a torchvision detector whole (pre-processing to NMS) through
-``fxattn.export_detection``; the exact rewrites of ``fxattn.onnx_optimize`` (on by default) now
+``fxattn.export.detector``; the exact rewrites of ``fxattn.export.optimize`` (on by default) now
 apply there too. For each detector (random weights, SSIA off) this script exports the original,
 the lean DIA detector with ``optimize=False``, with the defaults and with int4 DIA matrices
 (``dia_weights="int4"``), and times the four files interleaved in one process (onnxruntime
@@ -30,8 +30,8 @@ import torchvision
 
 import fxattn
 from fxattn.bench import interleaved_samples, machine_info
-from fxattn.detection import random_detection_batch
-from fxattn.runtime import ort_session
+from fxattn.export.detection import random_detection_batch
+from fxattn.export.runtime import ort_session
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

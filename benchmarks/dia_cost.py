@@ -8,7 +8,7 @@ Regenerates ``benchmarks/results/dia_cost_<model>.{json,md,png}`` (+ ``_cost.png
 
 For each model, one process and one interleaving per batch size (onnxruntime CPU,
 ``allow_spinning=0``): the original, ``lean`` (fxattn's lean DIA model with the exact rewrites of
-``fxattn.onnx_optimize``, export_onnx's default), ``lean-noopt`` (the same model exported
+``fxattn.export.optimize``, export_onnx's default), ``lean-noopt`` (the same model exported
 without them), low-precision DIA weights on top of the rewrites (``lean-int8``, ``lean-int4``)
 and, for ResNet-50, the hand-written DIA-ResNet-50 of ``benchmarks/handwritten_dia.py``
 (``hand-dia``, weights copied from the lean model, outputs checked equal) and the SSIA-only lean
@@ -29,7 +29,7 @@ import torchvision
 
 import fxattn
 from fxattn.bench import COMPILED_BASELINE
-from fxattn.cost import CostAccount
+from fxattn.bench.cost import CostAccount
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -11,7 +11,7 @@ one part of DIA taken away (they compute something else: they are measurements, 
   computed from one element of the input image (so nothing is constant-folded), and the scaled
   convolutions and blocked multiplies that consume ``h`` run as before: the multiply's cost;
 * ``lean-int2``: the same model with 2-bit DIA matrices (``MatMulNBits`` bits=2, half int4's
-  bytes; ``fxattn.lowp.quantize_dia_nbits``), to see whether the products are bound by bytes.
+  bytes; ``fxattn.export.lowp.quantize_dia_nbits``), to see whether the products are bound by bytes.
 
 All are timed with onnxruntime's default spinning threads by ``dia_vs_handwritten.time_blocks``
 (each file in turn the only live session, fresh sessions in every block) and compared with the
@@ -40,7 +40,7 @@ from onnx import helper, numpy_helper
 
 import fxattn
 from fxattn.bench import machine_info
-from fxattn.lowp import quantize_dia_nbits
+from fxattn.export.lowp import quantize_dia_nbits
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -42,7 +42,7 @@ import torchvision
 
 import fxattn
 from fxattn.bench import machine_info
-from fxattn.lowp import DEFAULT_BLOCK_SIZE, apply_dia_weights
+from fxattn.export.lowp import DEFAULT_BLOCK_SIZE, apply_dia_weights
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -8,7 +8,7 @@ measures it so that it can:
 * one process, one onnxruntime CPU session per file (``threads`` intra-op threads, no
   spinning): ``original``, ``original-twin`` (the same file in a second session: identical
   work, so its distance from ``original`` is the noise), fxattn's exports of one lean model
-  (``VARIANTS``: ``lean`` with the default exact rewrites of ``fxattn.onnx_optimize``, and
+  (``VARIANTS``: ``lean`` with the default exact rewrites of ``fxattn.export.optimize``, and
   ``lean-scale``, ``lean-fuse``, ``lean-noopt`` with one opt-in rewrite on, two on, and none,
   so each one's distance from ``lean`` is what those switches give) and ``hand-dia``
   (``benchmarks/handwritten_dia.py``, weights copied from the lean model, outputs checked
@@ -52,7 +52,7 @@ import torchvision
 
 import fxattn
 from fxattn.bench import interleaved_samples, machine_info
-from fxattn.runtime import ort_session
+from fxattn.export.runtime import ort_session
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -20,7 +20,7 @@ import torch.fx as fx  # noqa: E402
 import torchvision  # noqa: E402
 
 import fxattn  # noqa: E402
-from fxattn.tracing import ExampleInputs, trace_dual  # noqa: E402
+from fxattn.capture import ExampleInputs, trace_dual  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = "layer1.1"

@@ -69,9 +69,10 @@ from accuracy import accuracy, fit  # noqa: E402
 from evidence_tasks import TASKS, Split, Task  # noqa: E402
 
 import fxattn  # noqa: E402
+from fxattn.analysis.graph import count_parameters  # noqa: E402
 from fxattn.bench import interleaved  # noqa: E402
-from fxattn.onnx_export import ort_feed, ort_session  # noqa: E402
-from fxattn.tracing import ExampleInputs, count_parameters  # noqa: E402
+from fxattn.capture import ExampleInputs  # noqa: E402
+from fxattn.export.runtime import ort_feed, ort_session  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS: dict[str, dict[str, Any]] = {**FXATTN_ARMS, "cbam": {"dia": False, "ssia": False,
@@ -165,11 +166,11 @@ def evaluate_onnx(lean: torch.nn.Module, arm: str, test: Split, stem: Path,
     """The fp32 export (verified) and, for the DIA-LSTM arms, its int8 / int4 DIA-weight
     versions, each scored on the test set in onnxruntime.
 
-    The low-precision files are made by :func:`fxattn.lowp.apply_dia_weights` - the rewrite
+    The low-precision files are made by :func:`fxattn.export.lowp.apply_dia_weights` - the rewrite
     ``export_onnx(dia_weights=...)`` applies after exporting - on copies of the fp32 file, so
     one export serves all three modes.
     """
-    from fxattn.lowp import apply_dia_weights
+    from fxattn.export.lowp import apply_dia_weights
 
     images, labels = test
     fp32 = stem.with_name(f"{stem.name}_fp32.onnx")

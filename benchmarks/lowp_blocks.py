@@ -9,7 +9,7 @@ numbers. Here the MNIST-1D task of that benchmark (same data, same recipe and le
 second layers up to 32 and 64), so blocks of 32, 64 and 128 rows quantise differently. Each
 seed's lean model is exported once in fp32 (verified against PyTorch) and copied with DIA's
 matrices as int8 / int4 ``MatMulNBits`` at each block size
-(:func:`fxattn.lowp.apply_dia_weights`); every file is scored on the test set in onnxruntime,
+(:func:`fxattn.export.lowp.apply_dia_weights`); every file is scored on the test set in onnxruntime,
 and each low-precision copy is compared with the same model's fp32 file (paired by seed: test
 accuracy change with a 95% t-interval, prediction agreement, largest logit change).
 
@@ -44,7 +44,7 @@ from evidence_tasks import TASKS  # noqa: E402
 from results_io import command_line, write_results  # noqa: E402
 
 import fxattn  # noqa: E402
-from fxattn.lowp import apply_dia_weights  # noqa: E402
+from fxattn.export.lowp import apply_dia_weights  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: the evidence benchmark's MNIST-1D network is (8, 16, 32)

@@ -1,4 +1,4 @@
-"""Each exact DIA rewrite of ``fxattn.onnx_optimize`` timed alone, side by side in one process.
+"""Each exact DIA rewrite of ``fxattn.export.optimize`` timed alone, side by side in one process.
 
 The idle run of ``dia_cost.py`` found the rewrites together slower than none at batch 8. This
 script says which one: for each model it exports the lean DIA model (SSIA off) with no rewrite,
@@ -25,7 +25,7 @@ import torch
 import torchvision
 
 import fxattn
-from fxattn.onnx_optimize import REQUIRES
+from fxattn.export.optimize import REQUIRES
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

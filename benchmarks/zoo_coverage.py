@@ -5,7 +5,7 @@ For each model (random weights, small input where the model allows it):
     trace -> analyze -> insert   (fxattn.transform, DIA + SSIA)
     train                        (one SGD step on a task loss + fxattn.ssia_loss)
     strip                        (fxattn.strip_ssia; lean output == eval output)
-    export                       (fxattn.onnx_export.export_onnx, dynamic batch)
+    export                       (fxattn.export.portable.export_onnx, dynamic batch)
     parity                       (onnxruntime vs PyTorch at batch 2 and 3)
 
 and records the first stage that failed with the error's first line, plus which tracer served
@@ -496,7 +496,7 @@ def task_loss(model_id: str, model: Any, inputs: Any) -> Callable[[Any], Any]:
 
 
 def _batch_of(inputs: Any) -> int:
-    from fxattn.tracing import ExampleInputs
+    from fxattn.capture import ExampleInputs
 
     return ExampleInputs.from_user(inputs).batch_size
 
@@ -587,7 +587,7 @@ def calibrate_batchnorm(model: Any, inputs: Any, batches: int = 4) -> bool:
     """
     import torch
 
-    from fxattn.tracing import ExampleInputs
+    from fxattn.capture import ExampleInputs
 
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
@@ -621,10 +621,10 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
     import torch
 
     import fxattn
+    from fxattn.capture import ExampleInputs
     from fxattn.config import Tolerance
     from fxattn.errors import AnalysisError, ConfigError, InputError, TraceError
-    from fxattn.onnx_export import export_onnx, verify_onnx
-    from fxattn.tracing import ExampleInputs
+    from fxattn.export import export_onnx, verify_onnx
 
     torch.set_num_threads(1)
     family, name = model_id.split(":", 1)
@@ -754,12 +754,12 @@ def _perturbation_check(
     import torch
     from onnx import numpy_helper
 
+    from fxattn.capture import ExampleInputs
     from fxattn.config import Tolerance
-    from fxattn.onnx_export import verify_onnx
-    from fxattn.onnx_files import external_data_path
-    from fxattn.runtime import ort_feed, ort_session
-    from fxattn.tracing import ExampleInputs
-    from fxattn.verify import element_ratios
+    from fxattn.export import verify_onnx
+    from fxattn.export.runtime import ort_feed, ort_session
+    from fxattn.export.verify import element_ratios
+    from fxattn.files import external_data_path
 
     if external_data_path(path).exists():
         return {"skipped": "model over 2 GB"}
@@ -799,7 +799,7 @@ def _perturbation_check(
 def _original_exports(model: Any, inputs: Any) -> bool | None:
     """Whether torch.onnx can export the *original* model (judges export failures)."""
     try:
-        from fxattn.onnx_export import export_onnx
+        from fxattn.export import export_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
             export_onnx(copy.deepcopy(model).eval(), Path(tmp) / "m.onnx", inputs, verify=False)

@@ -8,7 +8,7 @@ detector's own training signature:
     transform   fxattn.transform(detector, (images, targets)): scoped to the capturable parts
     train       one SGD step on sum(detector's loss dict) + fxattn.ssia_loss(net)
     strip       fxattn.strip_ssia(net): lean(images) == net.eval()(images), bitwise
-    export      the whole lean detector to ONNX (fxattn.export_detection.export_detector)
+    export      the whole lean detector to ONNX (fxattn.export.detector.export_detector)
     parity      onnxruntime vs PyTorch detections on two sets of image sizes (the matching
                 rule of fxattn.detection, score threshold 0.05)
 
@@ -40,7 +40,7 @@ def build_detector(name: str) -> tuple[Any, tuple[list[Any], list[dict[str, Any]
     import torch
     import torchvision
 
-    from fxattn.detection import detection_targets_for, random_detection_batch
+    from fxattn.export.detection import detection_targets_for, random_detection_batch
 
     kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None}
     if not name.startswith("ssd"):
@@ -63,7 +63,7 @@ def run_detection_pipeline(model_id: str, first_line: Callable[[BaseException], 
 
     import fxattn
     from fxattn.errors import AnalysisError, ConfigError, InputError, VerificationError
-    from fxattn.export_detection import _check_parts, export_detector, verify_detections
+    from fxattn.export.detector import _check_parts, export_detector, verify_detections
 
     torch.set_num_threads(1)
     family, name = model_id.split(":", 1)
@@ -155,7 +155,7 @@ def run_detection_pipeline(model_id: str, first_line: Callable[[BaseException], 
 
 def _original_exports(model: Any, images: list[Any]) -> bool:
     """Whether torch.onnx exports the *original* detector (judges an export failure)."""
-    from fxattn.export_detection import export_detector
+    from fxattn.export.detector import export_detector
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -167,7 +167,7 @@ def _original_exports(model: Any, images: list[Any]) -> bool:
 
 def _parts_export(lean: Any) -> str:
     """The transformed parts exported and verified on their own (the fallback)."""
-    from fxattn.export_detection import _export_parts
+    from fxattn.export.detector import _export_parts
 
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,7 @@ import torch
 import torchvision
 
 import fxattn
-from fxattn.detection import detection_targets_for, random_detection_batch
+from fxattn.export.detection import detection_targets_for, random_detection_batch
 
 
 def main(argv: list[str] | None = None) -> int:

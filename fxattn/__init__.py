@@ -10,10 +10,11 @@ SSIA for deployment; export a lean ONNX model verified in onnxruntime; benchmark
 >>> lean = fxattn.strip_ssia(net)
 """
 
-from . import export_detection  # noqa: F401 - registers the detector export with export_onnx
 from .analysis import Plan
 from .bench import BenchmarkResult, benchmark
+from .capture import TraceOptions
 from .config import DIA, SSIA
+from .deploy import OrtCpuReport, compile_ort_cpu
 from .diagnostics import CorrelationReport, attention_correlation
 from .errors import (
     AlreadyTransformedError,
@@ -29,14 +30,11 @@ from .errors import (
     TraceError,
     VerificationError,
 )
-from .graph_module import AttentionGraphModule
-from .onnx_export import ExportReport, export_onnx
-from .onnx_optimize import OnnxOptimize
-from .ort_cpu import OrtCpuReport, compile_ort_cpu
+from .export import ExportReport, OnnxOptimize, export_onnx
+from .modules.graph_module import AttentionGraphModule
 from .scope import ScopePlan
 from .serialization import Checkpoint, load, load_checkpoint, save
 from .ssia_logging import log_ssia
-from .tracing import TraceOptions
 from .transform import inspect, set_ssia_scale, ssia_loss, strip_ssia, transform
 
 __version__ = "0.1.0"

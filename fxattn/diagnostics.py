@@ -32,10 +32,11 @@ import torch.fx as fx
 from torch import nn
 
 from .analysis import Plan, Site
+from .capture.tracing import ExampleInputs
 from .errors import AnalysisError, NotTransformedError
-from .graph_module import DIA_ROOT, AttentionGraphModule, unwrap
 from .modules.dia import DIALSTMCell, SharedSE
-from .tracing import ExampleInputs
+from .modules.graph_module import AttentionGraphModule, unwrap
+from .names import DIA_ROOT
 
 
 @dataclass(frozen=True)

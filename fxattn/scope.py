@@ -33,10 +33,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .analysis import Plan
+from .capture.tracing import TRACE_LOCK, ExampleInputs
 from .errors import ConfigError, InputError, TraceError
-from .tracing import TRACE_LOCK, ExampleInputs
-
-SCOPE_ATTR = "fxattn_scope"
+from .names import SCOPE_ATTR
 
 # --------------------------------------------------------------------------- the record
 

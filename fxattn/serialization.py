@@ -54,8 +54,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, FxAttnError
-from .graph_module import AttentionGraphModule, unwrap
-from .onnx_export import atomic_path, check_output_path
+from .files import atomic_path, check_output_path
+from .modules.graph_module import AttentionGraphModule, unwrap
 from .scope import scope_info
 
 FORMAT = "fxattn/1"
@@ -202,7 +202,7 @@ def save(
             when the loop draws random numbers: dropout, augmentation, shuffling).
         overwrite: replace an existing file.
     """
-    from .tracing import ExampleInputs
+    from .capture.tracing import ExampleInputs
 
     module = unwrap(net)
     info: Any = scope_info(module)
@@ -256,7 +256,7 @@ def _plain_example(inputs: Any) -> Any:
     (zeros on load, as for plain tensors); everything else - a detector's target dicts (boxes
     must stay valid), timesteps, flags - is kept by value.
     """
-    from .tracing import _is_sample_list
+    from .capture.tracing import _is_sample_list
 
     def encode(value: Any, data: bool) -> Any:
         if isinstance(value, torch.Tensor):
@@ -292,7 +292,7 @@ def _example_from_plain(plain: Mapping[str, Any]) -> Any:
             return type(value)(decode(v) for v in value)
         return value
 
-    from .tracing import ExampleInputs
+    from .capture.tracing import ExampleInputs
 
     return ExampleInputs(tuple(decode(a) for a in plain["args"]),
                          {k: decode(v) for k, v in plain["kwargs"].items()})
@@ -337,7 +337,7 @@ def load(
         model: the original architecture (random weights are fine). Needed when the file
             was saved without a ``model_spec``.
     """
-    from .specs import build_model
+    from .cli.specs import build_model
     from .transform import strip_ssia, transform
 
     payload = read(path)

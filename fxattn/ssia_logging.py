@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, SSIALossUnavailableError
-from .graph_module import AttentionGraphModule
+from .modules.graph_module import AttentionGraphModule
 from .scope import scope_info
 from .transform import ssia_loss
 

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from .analysis import Plan, analyze
+from .analysis.graph import count_parameters
 from .analysis.groups import assign_groups
+from .capture.tracing import (
+    ExampleInputs,
+    TraceOptions,
+    check_model_inputs,
+    propagate_shapes,
+    trace_dual,
+)
 from .config import DIA, SSIA, resolve_dia, resolve_ssia
 from .errors import (
     AlreadyTransformedError,
@@ -26,17 +34,11 @@ from .errors import (
     SSIALossUnavailableError,
     TraceError,
 )
-from .graph_module import (
-    DIA_ROOT,
-    SSIA_ROOT,
-    AttentionGraphModule,
-    TransformInfo,
-    interface_class,
-    unwrap,
-)
 from .modules.attach import SSIAAttach
 from .modules.dia import DIALSTMCell, SharedSE, build_dia_module
+from .modules.graph_module import AttentionGraphModule, TransformInfo, interface_class, unwrap
 from .modules.ssia import PairSpec, SSIALoss, TapSpec
+from .names import DIA_ROOT, SSIA_ROOT
 from .passes import insert_dia, insert_ssia, strip_pass
 from .scope import (
     SCOPE_ATTR,
@@ -51,14 +53,6 @@ from .scope import (
     parts_of,
     scope_info,
     strip_scoped,
-)
-from .tracing import (
-    ExampleInputs,
-    TraceOptions,
-    check_model_inputs,
-    count_parameters,
-    propagate_shapes,
-    trace_dual,
 )
 
 

@@ -3,7 +3,7 @@
 transform (DIA + SSIA) -> the SSIA loss is a finite scalar whose gradient reaches the stem ->
 one SGD step on task + SSIA loss moves every shared DIA cell -> strip (no SSIA left, the lean
 output is the eval output, the original's output structure) -> ONNX export verified in
-onnxruntime at batch 2 and 3 by the default rule (``fxattn.verify``).
+onnxruntime at batch 2 and 3 by the default rule (``fxattn.export.verify``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 import fxattn
-from fxattn.graph_module import DIA_ROOT, SSIA_ROOT
-from fxattn.onnx_export import ExportReport, export_onnx
+from fxattn.export import ExportReport, export_onnx
+from fxattn.names import DIA_ROOT, SSIA_ROOT
 
 
 def call(module: torch.nn.Module, inputs: Any) -> Any:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fxattn
-from fxattn.onnx_export import export_onnx
+from fxattn.export import export_onnx
 
 
 class Block(nn.Module):

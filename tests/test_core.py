@@ -13,9 +13,9 @@ from conftest import assert_state_equal, state_snapshot
 from models import CifarResNet, ConstantResolution, PinnedBatch, TwoViews
 
 import fxattn
-from fxattn.graph_module import DIA_ROOT, SSIA_ROOT
-from fxattn.onnx_export import export_onnx
-from fxattn.tracing import ExampleInputs, trace_dual
+from fxattn.capture import ExampleInputs, trace_dual
+from fxattn.export import export_onnx
+from fxattn.names import DIA_ROOT, SSIA_ROOT
 
 
 def _node_signature(graph: torch.fx.Graph) -> list[tuple[str, str, str, str]]:

@@ -12,7 +12,7 @@ from models import DataDependent, PlainMLP
 
 import fxattn
 from fxattn.cli import main
-from fxattn.onnx_export import export_onnx
+from fxattn.export import export_onnx
 
 
 def test_untraceable_model_names_the_module_line_and_the_remedy() -> None:
@@ -65,7 +65,7 @@ def test_unwritable_export_path_leaves_no_file(tmp_path: Path) -> None:
 def test_failed_verification_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fxattn.onnx_export as onnx_export
+    import fxattn.export.portable as onnx_export
 
     def disagree(*args: object, **kwargs: object) -> None:
         raise fxattn.VerificationError("output 0 at batch 2 has max abs error 1.0")

@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import fxattn
-from fxattn.detection import MatchRule, match_detections, random_detection_batch
-from fxattn.lowp import LOWP_ATOL
-from fxattn.onnx_optimize import in_dia
+from fxattn.export.detection import MatchRule, match_detections, random_detection_batch
+from fxattn.export.lowp import LOWP_ATOL
+from fxattn.export.optimize import in_dia
 from fxattn.scope import ScopePlan
 
 NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -263,7 +263,7 @@ class _DtypeDetector(nn.Module):
 
 
 def test_float64_rule_forgives_rounding_flips_not_mismatches() -> None:
-    from fxattn.export_detection import _float64_detections
+    from fxattn.export.detector import _float64_detections
 
     module, images = _DtypeDetector(), [torch.rand(3, 8, 8)]
     expected = module(images)
@@ -282,7 +282,7 @@ def test_float64_rule_forgives_rounding_flips_not_mismatches() -> None:
 
 
 def test_with_batch_cycles_sample_lists(batch: tuple) -> None:
-    from fxattn.tracing import ExampleInputs
+    from fxattn.capture import ExampleInputs
 
     inputs = ExampleInputs.from_user(batch)
     assert inputs.batch_size == 2

@@ -13,7 +13,7 @@ import torch
 from models import cifar_dia_lean
 
 import fxattn
-from fxattn.runtime import ort_session
+from fxattn.export.runtime import ort_session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

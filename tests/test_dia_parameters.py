@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 import fxattn
-from fxattn.graph_module import DIA_ROOT
+from fxattn.names import DIA_ROOT
 from tests.models import CifarResNet
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fxattn
-from fxattn.onnx_export import export_onnx
+from fxattn.export import export_onnx
 
 
 def _conditional_unet() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:

@@ -26,11 +26,11 @@ from models import CifarResNet, DataDependent, LayerDrop, PlainMLP
 from torch import nn
 
 import fxattn
-import fxattn.onnx_export as onnx_export
+import fxattn.export.portable as onnx_export
 import fxattn.serialization as serialization
+from fxattn.capture import ExampleInputs
 from fxattn.cli import main
-from fxattn.onnx_export import export_onnx
-from fxattn.tracing import ExampleInputs
+from fxattn.export import export_onnx
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -552,7 +552,7 @@ def test_verification_mismatch_names_output_and_error_and_writes_nothing(
 ) -> None:
     """onnxruntime made to disagree (its outputs shifted by 0.5): VerificationError naming the
     worst element with its errors and the rule; no file, and an existing file keeps its bytes."""
-    import fxattn.verify as verify
+    import fxattn.export.verify as verify
 
     real_session = verify.ort_session
 
@@ -774,7 +774,7 @@ def test_cli_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> No
 def test_cli_internal_error_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """A bug inside fxattn (here: a ZeroDivisionError) is exit 1 and one line, not a trace."""
-    import fxattn.specs
+    import fxattn.cli.specs
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise ZeroDivisionError("division by zero\nsecond line")
@@ -871,10 +871,10 @@ def test_every_torch_load_is_weights_only() -> None:
 
 
 def test_factory_specs_are_documented_as_importing_code() -> None:
-    import fxattn.specs
+    import fxattn.cli.specs
     from fxattn.cli import build_parser
 
-    assert "imports and runs code" in " ".join((fxattn.specs.__doc__ or "").split())
+    assert "imports and runs code" in " ".join((fxattn.cli.specs.__doc__ or "").split())
     help_text = build_parser()._subparsers._group_actions[0].choices["inspect"].format_help()
     assert "imports that module" in " ".join(help_text.split())
     docs = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()

@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from torch import nn
 
 import fxattn
-from fxattn.export_compat import (
+from fxattn.export import export_onnx
+from fxattn.export.compat import (
     ExportCompatMode,
     scaled_dot_product_attention_4d,
     zero_pad_by_concat,
 )
-from fxattn.onnx_export import export_onnx
 
 
 @settings(max_examples=40, deadline=None)
@@ -153,7 +153,7 @@ def test_optimized_graph_failing_the_checker_is_exported_again_unoptimized(
     simulated by reversing the optimized graph's nodes. The export is redone unoptimized."""
     import onnx
 
-    import fxattn.onnx_export as onnx_export
+    import fxattn.export.portable as onnx_export
 
     real = onnx_export._run_exporter
     calls: list[bool] = []

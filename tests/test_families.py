@@ -34,7 +34,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models import swin_transformer as tv_swin
 
 import fxattn
-from fxattn.graph_module import DIA_ROOT
+from fxattn.names import DIA_ROOT
 
 
 def tv(name: str, **kwargs: object) -> Callable[[], nn.Module]:

@@ -367,7 +367,7 @@ def test_ultralytics_detection_trainer(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x)[0], ema(x)[0], rtol=1e-3, atol=1e-3)  # fp16 file
     lean = fxattn.strip_ssia(reloaded)
-    # the default rule: boxes in pixels are judged relative to their size (fxattn.verify)
+    # the default rule: boxes in pixels are judged relative to their size (fxattn.export.verify)
     report = fxattn.export_onnx(lean, tmp_path / "yolo.onnx", x)
     assert report.verified
 

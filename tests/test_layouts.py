@@ -16,7 +16,7 @@ from models import ResidualCNN
 from torch import nn
 
 import fxattn
-from fxattn.onnx_export import export_onnx
+from fxattn.export import export_onnx
 
 CASES = {
     "1d": (1, (2, 2, 32), "NCL", "linear"),

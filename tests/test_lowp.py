@@ -1,9 +1,9 @@
-"""Parity and structure of every low-precision / folding option of ``fxattn.lowp``.
+"""Parity and structure of every low-precision / folding option of ``fxattn.export.lowp``.
 
 Each optimisation is checked on a small CIFAR ResNet (2 bottlenecks per stage, 32x32 input):
 the rewritten ONNX graph has exactly the expected nodes, only DIA's matrices change, and
 onnxruntime's output stays within the mode's documented tolerance of PyTorch's fp32 output.
-They run on graphs already rewritten by ``fxattn.onnx_optimize`` (export_onnx's default).
+They run on graphs already rewritten by ``fxattn.export.optimize`` (export_onnx's default).
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ from models import CifarResNet, TokenResidual
 
 import fxattn
 from fxattn.errors import ExportError
-from fxattn.lowp import (
+from fxattn.export import export_onnx
+from fxattn.export.lowp import (
     LOWP_ATOL,
     apply_dia_weights,
     dia_matrix_names,
     fold_initial_state,
     gemm_to_matmul,
 )
-from fxattn.onnx_export import export_onnx, ort_session
-from fxattn.onnx_optimize import OnnxOptimize
+from fxattn.export.optimize import OnnxOptimize
+from fxattn.export.runtime import ort_session
 
 GROUPS = 3  # three stages of 64, 128, 256 channels
 SITES = 6  # two blocks per stage
@@ -46,7 +47,7 @@ def lean() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def fp32_onnx(lean: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("lowp") / "fp32.onnx"
-    # lowp runs on top of the exact rewrites of fxattn.onnx_optimize (the default); the state
+    # lowp runs on top of the exact rewrites of fxattn.export.optimize (the default); the state
     # fold is left to the tests below, which check what it removes, and the matrices stay
     # shared (test_onnx_optimize quantises the per-site ones of compose_first_layer)
     export_onnx(lean, path, torch.randn(2, 3, 32, 32),
@@ -193,7 +194,7 @@ def test_blocks_fit_each_matrix_up_to_the_default(fp32_onnx: Path, tmp_path: Pat
     """Blocks of 128 rows by default (onnxruntime's quantiser's own), smaller where a matrix
     has fewer rows (a column is padded to whole blocks): every matrix is stored without
     padding here, and the same rows share one scale as with blocks of 32 or more."""
-    from fxattn.lowp import DEFAULT_BLOCK_SIZE, fitted_block
+    from fxattn.export.lowp import DEFAULT_BLOCK_SIZE, fitted_block
 
     assert DEFAULT_BLOCK_SIZE == 128
     assert [fitted_block(rows, 4, 128) for rows in (8, 16, 32, 64, 128, 512)] == \

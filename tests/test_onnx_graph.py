@@ -1,4 +1,5 @@
-"""Names an ONNX ``If`` branch reads from the enclosing graph count as read (``fxattn.onnx_graph``).
+"""Names an ONNX ``If`` branch reads from the enclosing graph count as read
+(``fxattn.export.onnx_graph``).
 
 A detector's post-processing holds ``If`` nodes whose branches read outer tensors by name; a
 pass that looked only at ``node.input`` dropped their producers (the exact DIA rewrites of a
@@ -12,8 +13,14 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from fxattn.lowp import fold_initial_state, remove_dead_nodes
-from fxattn.onnx_graph import graph_reads, has_control_flow, node_reads, readers
+from fxattn.export.lowp import fold_initial_state
+from fxattn.export.onnx_graph import (
+    graph_reads,
+    has_control_flow,
+    node_reads,
+    readers,
+    remove_dead_nodes,
+)
 
 
 def branch_model() -> onnx.ModelProto:

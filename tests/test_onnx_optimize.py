@@ -1,4 +1,4 @@
-"""The exact DIA rewrites of ``fxattn.onnx_optimize``: parity, structure, and no-ops elsewhere.
+"""The exact DIA rewrites of ``fxattn.export.optimize``: parity, structure, and no-ops elsewhere.
 
 Each rewrite runs alone on a small CIFAR ResNet with DIA (2 bottlenecks per stage, 32x32 input,
 groups of 64, 128 and 256 channels) and must keep onnxruntime's output equal to PyTorch's within
@@ -21,9 +21,9 @@ from models import CifarResNet, TokenResidual, cifar_dia_lean
 
 import fxattn
 from fxattn.errors import ConfigError
-from fxattn.lowp import LOWP_ATOL, LOWP_RTOL, apply_dia_weights
-from fxattn.onnx_export import export_onnx, ort_session
-from fxattn.onnx_optimize import (
+from fxattn.export import export_onnx
+from fxattn.export.lowp import LOWP_ATOL, LOWP_RTOL, apply_dia_weights
+from fxattn.export.optimize import (
     REQUIRES,
     OnnxOptimize,
     in_dia,
@@ -31,6 +31,7 @@ from fxattn.onnx_optimize import (
     optimize_onnx_file,
     resolve_optimize,
 )
+from fxattn.export.runtime import ort_session
 
 SITES = 6  # two blocks in each of three stages
 GROUPS = 3
@@ -263,7 +264,7 @@ def test_the_fold_leaves_zeros_outside_dia_alone(tmp_path: Path) -> None:
 def test_a_rewrite_that_fails_leaves_the_file_as_exported(
     plain_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fxattn.onnx_optimize as optimizer
+    import fxattn.export.optimize as optimizer
 
     def broken(*args: object) -> int:
         raise ValueError("unexpected pattern")
@@ -280,7 +281,7 @@ def test_compose_first_layer_reads_one_small_matrix_per_site(tmp_path: Path) -> 
     """Each site's pooled pointwise convolution and DIA's shared first layer become one
     ``(C/r, C_in)`` matrix; convolution biases (batch norms that are not the identity) are
     carried into its bias; fewer matrix bytes per run; parity with PyTorch."""
-    from fxattn.cost import matrix_bytes
+    from fxattn.bench.cost import matrix_bytes
 
     lean = cifar_dia_lean(random_norms=True)
     plain = tmp_path / "plain.onnx"

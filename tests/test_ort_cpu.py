@@ -22,9 +22,9 @@ from models import CifarResNet, SplitResidual, cifar_dia_lean
 
 import fxattn
 from fxattn.cli import main
+from fxattn.deploy.ort_cpu import METADATA_KEY, NCHWC, _fix_batch, _ort_optimize, nchwc_block_size
 from fxattn.errors import ConfigError, ExportError, VerificationError
-from fxattn.ort_cpu import METADATA_KEY, NCHWC, _fix_batch, _ort_optimize, nchwc_block_size
-from fxattn.runtime import ort_session
+from fxattn.export.runtime import ort_session
 
 SITES = 6  # CifarResNet depth 20: two bottlenecks in each of three stages (64, 128, 256 ch.)
 FOLDED = 4  # of them, h folded into the weights before them: the first two stages
@@ -94,7 +94,7 @@ def test_torchscript_exports_get_the_same_rewrites_and_compile(lean: torch.nn.Mo
     it writes few shapes; the export records DIA's scopes, the shapes are inferred, and the
     file gets the same exact rewrites and compiles with every multiply fused, as a dynamo
     export does."""
-    from fxattn.onnx_optimize import SCOPE_KEY, in_dia
+    from fxattn.export.optimize import SCOPE_KEY, in_dia
 
     x = torch.randn(2, 3, 32, 32)
     path = tmp_path / "ts.onnx"
@@ -324,7 +324,7 @@ def test_bad_input_is_refused_and_nothing_is_written(lean_onnx: Path, tmp_path: 
     def differs(*args: object) -> float:
         raise VerificationError("the compiled model differs from the portable one")
 
-    monkeypatch.setattr("fxattn.ort_cpu._verify", differs)
+    monkeypatch.setattr("fxattn.deploy.ort_cpu._verify", differs)
     with pytest.raises(VerificationError):
         fxattn.compile_ort_cpu(lean_onnx, out, batch_size=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(

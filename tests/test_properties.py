@@ -34,9 +34,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxattn
-from fxattn.graph_module import DIA_ROOT, SSIA_ROOT
-from fxattn.onnx_export import export_onnx
-from fxattn.tracing import ExampleInputs, trace_dual
+from fxattn.capture import ExampleInputs, trace_dual
+from fxattn.export import export_onnx
+from fxattn.names import DIA_ROOT, SSIA_ROOT
 
 # --------------------------------------------------------------------------- architectures
 

@@ -29,8 +29,8 @@ from torch import nn
 from training_helpers import batch, example, train_steps, transformed
 
 import fxattn
-from fxattn.graph_module import DIA_ROOT, SSIA_ROOT
 from fxattn.modules.ssia import PairSpec, SSIALoss, TapSpec
+from fxattn.names import DIA_ROOT, SSIA_ROOT
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Export verification judges the error against the output's scale (``fxattn.verify``).
+"""Export verification judges the error against the output's scale (``fxattn.export.verify``).
 
 Both sides of the rule: real models whose outputs are far from order 1 pass with the defaults
 (third-party models included), and genuine mismatches fail - a weight changed by a relative
@@ -21,11 +21,11 @@ from onnx import numpy_helper
 from torch import nn
 
 import fxattn
+from fxattn.capture import ExampleInputs
 from fxattn.config import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
-from fxattn.lowp import LOWP_ATOL, LOWP_RTOL, tolerance
-from fxattn.onnx_export import export_onnx
-from fxattn.tracing import ExampleInputs
-from fxattn.verify import element_ratios, verify_onnx
+from fxattn.export import export_onnx
+from fxattn.export.lowp import LOWP_ATOL, LOWP_RTOL, tolerance
+from fxattn.export.verify import element_ratios, verify_onnx
 
 X = torch.randn(2, 3, 16, 16)
 

@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 import fxattn
-from fxattn.onnx_export import export_onnx
+from fxattn.export import export_onnx
 
 CLIP = (1, 3, 4, 32, 32)
 

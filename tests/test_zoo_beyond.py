@@ -24,8 +24,8 @@ from pipeline import call as _call
 from pipeline import floats as _floats
 
 import fxattn
-from fxattn.graph_module import DIA_ROOT, SSIA_ROOT
-from fxattn.onnx_export import export_onnx
+from fxattn.export import export_onnx
+from fxattn.names import DIA_ROOT, SSIA_ROOT
 
 Loss = Callable[[Any], torch.Tensor]
 

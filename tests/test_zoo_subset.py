@@ -26,7 +26,7 @@ import torchvision
 from pipeline import whole_pipeline
 
 import fxattn
-from fxattn.onnx_export import export_onnx
+from fxattn.export import export_onnx
 
 transformers = pytest.importorskip("transformers")
 

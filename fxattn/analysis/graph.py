@@ -1,14 +1,15 @@
 """Walking a shape-propagated graph: module paths, stable node keys, tensor edges, the main
-path (the nodes every input-to-output path crosses)."""
+path (the nodes every input-to-output path crosses); what shape propagation recorded on a
+node (its shape and dtype)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 import torch.fx as fx
-
-from ..tracing import tensor_dtype, tensor_shape
+from torch import nn
 
 
 def node_module_path(node: fx.Node) -> str:
@@ -162,3 +163,33 @@ def example_batch_size(graph: fx.Graph) -> int | None:
     first = next(iter(graph.find_nodes(op="placeholder")), None)
     shape = tensor_shape(first) if first is not None else None
     return shape[0] if shape else None
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of distinct parameter elements (tied parameters count once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def iter_tensor_inputs(node: fx.Node) -> Iterable[fx.Node]:
+    """The input nodes of ``node`` that carry tensors (according to shape propagation)."""
+    for arg in node.all_input_nodes:
+        if "tensor_meta" in arg.meta and _is_tensor_meta(arg.meta["tensor_meta"]):
+            yield arg
+
+
+def _is_tensor_meta(meta: Any) -> bool:
+    return hasattr(meta, "shape") and hasattr(meta, "dtype")
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not _is_tensor_meta(meta):
+        return None
+    return tuple(int(s) for s in meta.shape)
+
+
+def tensor_dtype(node: fx.Node) -> torch.dtype | None:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not _is_tensor_meta(meta):
+        return None
+    return meta.dtype

@@ -12,7 +12,7 @@ import math
 
 import torch.fx as fx
 
-from ..tracing import iter_tensor_inputs, tensor_shape
+from .graph import iter_tensor_inputs, tensor_shape
 from .ops import (
     FIRST,
     LAST,

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from ..config import DIA, SSIA
 from ..report import Table, to_text
-from ..tracing import count_parameters
+from .graph import count_parameters
 from .groups import DIAModuleSpec, assign_groups
 from .layouts import infer_channel_dims
 from .ops import OpInfo

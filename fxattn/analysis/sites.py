@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..config import DIA
-from ..tracing import tensor_dtype, tensor_shape
-from .graph import node_module_path, stable_keys, tensor_parents
+from .graph import node_module_path, stable_keys, tensor_dtype, tensor_parents, tensor_shape
 from .layouts import layout_name
 from .ops import ADD_FUNCTIONS, ADD_METHODS, OpInfo
 

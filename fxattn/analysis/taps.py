@@ -16,9 +16,15 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..tracing import tensor_dtype, tensor_shape
 from .encoder import downsampling_end
-from .graph import example_batch_size, main_path_dominators, node_module_path, stable_keys
+from .graph import (
+    example_batch_size,
+    main_path_dominators,
+    node_module_path,
+    stable_keys,
+    tensor_dtype,
+    tensor_shape,
+)
 from .layouts import feature_grid, layout_name, token_grid
 from .ops import OpInfo
 

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from ..analysis import Site
-
-DIA_ROOT = "fxattn_dia"
-FXATTN_META = "fxattn"
+from ..names import DIA_ROOT, FXATTN_META
 
 
 @dataclass(frozen=True)

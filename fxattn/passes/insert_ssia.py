@@ -21,9 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..analysis import Tap, modifies_in_place
-from .insert_dia import FXATTN_META
-
-SSIA_ROOT = "fxattn_ssia"
+from ..names import FXATTN_META, SSIA_ROOT
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..graph_module import SSIA_ROOT, AttentionGraphModule
-from ..tracing import count_parameters
-from .insert_dia import FXATTN_META
+from ..analysis.graph import count_parameters
+from ..modules.graph_module import AttentionGraphModule
+from ..names import FXATTN_META, SSIA_ROOT
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import VerificationError
-from .tracing import ExampleInputs
+from ..capture.tracing import ExampleInputs
+from ..errors import VerificationError
 
 
 def ort_session(path: str, threads: int | None = None, spinning: bool = False) -> Any:

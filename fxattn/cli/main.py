@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import DEFAULT_ATOL, DEFAULT_RTOL
-from .errors import ConfigError, FxAttnError, ModelSpecError
-from .lowp import DIA_WEIGHT_MODES
+from ..config import DEFAULT_ATOL, DEFAULT_RTOL
+from ..errors import ConfigError, FxAttnError, ModelSpecError
+from ..export.lowp import DIA_WEIGHT_MODES
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -115,7 +115,7 @@ def _add_tolerance_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _methods(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .config import DIA, SSIA
+    from ..config import DIA, SSIA
 
     dia = DIA(args.module, args.reduction, args.share, tuple(args.include),
               tuple(args.exclude)) if args.dia else False
@@ -126,7 +126,7 @@ def _methods(args: argparse.Namespace) -> tuple[Any, Any]:
 def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, str]:
     import torch
 
-    from .detection import detection_targets_for, is_detector, random_detection_batch
+    from ..export.detection import detection_targets_for, is_detector, random_detection_batch
     from .specs import build_model, parse_shape, random_input
 
     if not args.model.strip():
@@ -152,7 +152,7 @@ def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .transform import inspect
+    from ..transform import inspect
 
     model, example, _ = _model_and_input(args)
     dia, ssia = _methods(args)
@@ -173,9 +173,9 @@ def _print_correlation(args: argparse.Namespace, model: Any, example: Any, dia: 
     shows how differently one cell attends at the sites it serves. Random weights and random
     inputs give random-model numbers: use it on a trained model for meaningful ones.
     """
-    from .diagnostics import attention_correlation
-    from .errors import AnalysisError
-    from .transform import transform
+    from ..diagnostics import attention_correlation
+    from ..errors import AnalysisError
+    from ..transform import transform
 
     if not dia:
         raise AnalysisError("--correlation measures DIA attention; drop --no-dia")
@@ -186,8 +186,8 @@ def _print_correlation(args: argparse.Namespace, model: Any, example: Any, dia: 
 
 
 def cmd_transform(args: argparse.Namespace) -> int:
-    from .serialization import save
-    from .transform import strip_ssia, transform
+    from ..serialization import save
+    from ..transform import strip_ssia, transform
 
     model, example, spec = _model_and_input(args)
     dia, ssia = _methods(args)
@@ -205,10 +205,10 @@ def cmd_transform(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .onnx_export import export_onnx
-    from .serialization import load, read
+    from ..export import export_onnx
+    from ..serialization import load, read
+    from ..transform import strip_ssia, transform
     from .specs import parse_shape, random_input
-    from .transform import strip_ssia, transform
 
     if Path(args.model).exists() or Path(args.model).suffix in (".fxattn", ".pt", ".pth"):
         payload = read(args.model)
@@ -217,7 +217,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             tuple(payload["inputs"][0][0]))
         example: Any = random_input(shape)
         if payload.get("scope") and payload.get("example"):  # a scoped model (a detector)
-            from .serialization import _example_from_plain
+            from ..serialization import _example_from_plain
 
             example = _example_from_plain(payload["example"]).args
     else:
@@ -241,7 +241,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """``fxattn compile``: a lean ONNX file compiled for onnxruntime's CPU provider."""
-    from .ort_cpu import compile_ort_cpu
+    from ..deploy.ort_cpu import compile_ort_cpu
 
     report = compile_ort_cpu(args.model, args.output, args.batch,
                              fold_weights=args.fold_weights, drop_copies=args.drop_copies,
@@ -263,8 +263,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``fxattn bench``: original vs lean, written to ``--out`` as JSON, Markdown and PNG."""
-    from .bench import benchmark
-    from .config import Tolerance
+    from ..bench.benchmark import benchmark
+    from ..config import Tolerance
 
     try:
         batches = [int(part) for part in str(args.batch).split(",") if part.strip()]

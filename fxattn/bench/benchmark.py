@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Tolerance
-from .errors import ConfigError, InputError, VerificationError, first_line
-from .onnx_export import EXPORTERS
-from .runtime import ort_feed, ort_session, torch_threads
+from ..config import Tolerance
+from ..errors import ConfigError, InputError, VerificationError, first_line
+from ..export.portable import EXPORTERS
+from ..export.runtime import ort_feed, ort_session, torch_threads
 
 ENGINES = ("torch", "onnxruntime")
 
@@ -137,7 +137,7 @@ def machine_info(threads: int, spinning: bool = False) -> dict[str, Any]:
     import onnxruntime
     import torchvision
 
-    from . import __version__
+    from .. import __version__
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {
@@ -416,8 +416,8 @@ def _export(name: str, module: nn.Module, path: Path, example: Any,
             tolerance: Tolerance, exporter: str, optimize: bool = True) -> ModelEntry:
     import onnx
 
-    from .onnx_export import export_onnx
-    from .tracing import count_parameters
+    from ..analysis.graph import count_parameters
+    from ..export import export_onnx
 
     report = export_onnx(module, path, example, atol=tolerance.atol, rtol=tolerance.rtol,
                          float64_check=tolerance.float64_check, optimize=optimize,
@@ -442,9 +442,9 @@ def _lowp_variant(name: str, mode: str, lean: nn.Module, folder: Path, inputs: A
 
     import onnx
 
-    from .lowp import apply_dia_weights, tolerance
-    from .onnx_export import verify_onnx
-    from .tracing import count_parameters
+    from ..analysis.graph import count_parameters
+    from ..export import verify_onnx
+    from ..export.lowp import apply_dia_weights, tolerance
 
     precision, _, option = mode.partition("+")
     if option not in ("", "fold"):
@@ -517,8 +517,9 @@ def benchmark(
     exports every model (:func:`fxattn.export_onnx`'s choice: ``"auto"``, ``"dynamo"`` or
     ``"torchscript"``).
     """
-    from .tracing import ExampleInputs, count_parameters
-    from .transform import strip_ssia, transform
+    from ..analysis.graph import count_parameters
+    from ..capture.tracing import ExampleInputs
+    from ..transform import strip_ssia, transform
 
     unknown = set(engines) - set(ENGINES)
     if unknown or not engines:
@@ -612,7 +613,7 @@ def _compile_variants(onnx_files: dict[str, Path], models: dict[str, ModelEntry]
                       ) -> tuple[dict[int, dict[str, Path]], dict[str, Path]]:
     """The original, ``lean`` and its low-precision variants compiled for onnxruntime's CPU at
     each batch: batch -> name -> file, and each compiled name's portable source."""
-    from .ort_cpu import compile_ort_cpu
+    from ..deploy.ort_cpu import compile_ort_cpu
 
     batch_files: dict[int, dict[str, Path]] = {}
     sources: dict[str, Path] = {}

@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from .bench import interleaved
-from .onnx_export import export_onnx, ort_feed, ort_session
-from .ort_cpu import compile_ort_cpu
-from .tracing import ExampleInputs, count_parameters
-from .transform import ssia_loss, strip_ssia, transform
+from ..analysis.graph import count_parameters
+from ..bench.benchmark import interleaved
+from ..capture.tracing import ExampleInputs
+from ..deploy.ort_cpu import compile_ort_cpu
+from ..export import export_onnx
+from ..export.runtime import ort_feed, ort_session
+from ..transform import ssia_loss, strip_ssia, transform
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def save_summary_picture(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .diagnostics import attention_correlation, plot_correlation
+    from ..diagnostics import attention_correlation, plot_correlation
 
     report = attention_correlation(lean, torch.randn(16, 3, size, size))
     figure, axes = plt.subplots(1, 1 + len(report.stages),

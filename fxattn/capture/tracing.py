@@ -32,7 +32,7 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
-from .errors import InputError, TraceError, first_line
+from ..errors import InputError, TraceError, first_line
 
 # --------------------------------------------------------------------------- zoo registries
 
@@ -925,45 +925,12 @@ def check_model_inputs(model: nn.Module, inputs: ExampleInputs) -> None:
             )
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of distinct parameter elements (tied parameters count once)."""
-    return sum(p.numel() for p in module.parameters())
-
-
-def iter_tensor_inputs(node: fx.Node) -> Iterable[fx.Node]:
-    """The input nodes of ``node`` that carry tensors (according to shape propagation)."""
-    for arg in node.all_input_nodes:
-        if "tensor_meta" in arg.meta and _is_tensor_meta(arg.meta["tensor_meta"]):
-            yield arg
-
-
-def _is_tensor_meta(meta: Any) -> bool:
-    return hasattr(meta, "shape") and hasattr(meta, "dtype")
-
-
-def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    if meta is None or not _is_tensor_meta(meta):
-        return None
-    return tuple(int(s) for s in meta.shape)
-
-
-def tensor_dtype(node: fx.Node) -> torch.dtype | None:
-    meta = node.meta.get("tensor_meta")
-    if meta is None or not _is_tensor_meta(meta):
-        return None
-    return meta.dtype
-
-
 __all__: Sequence[str] = [
     "DualGraphs",
     "ExampleInputs",
     "check_model_inputs",
     "FxAttnTracer",
     "TraceOptions",
-    "count_parameters",
     "propagate_shapes",
-    "tensor_dtype",
-    "tensor_shape",
     "trace_dual",
 ]

@@ -45,11 +45,9 @@ from torch.fx.graph_module import (  # fx's own pickling machinery, reused for t
 )
 from torch.package import sys_importer
 
-from .analysis import Plan
-from .errors import InputError
-
-DIA_ROOT = "fxattn_dia"
-SSIA_ROOT = "fxattn_ssia"
+from ..analysis import Plan
+from ..errors import InputError
+from ..names import FXATTN_META, SSIA_ROOT
 
 
 @dataclass
@@ -206,7 +204,7 @@ class AttentionGraphModule(fx.GraphModule):
         return self.fxattn_info.plan
 
 
-_MARK = "fxattn"  # the pass marks (passes.insert_dia.FXATTN_META) that strip_ssia reads
+_MARK = FXATTN_META  # the pass marks that strip_ssia reads
 _PICKLE_SKIP = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start", "_tracer_cls",
                           "train_graph", "eval_graph", "fxattn_info", "_in_spec", "_out_spec"})
 

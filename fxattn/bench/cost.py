@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .ort_cpu import NODE_PREFIX, SCALED_CONV
+from ..deploy.ort_cpu import NODE_PREFIX, SCALED_CONV
 
 #: onnxruntime ops that make a pass over an activation without computing a convolution or matmul
 PASS_OPS = frozenset({
@@ -109,7 +109,7 @@ def memory_bandwidth(threads: int, megabytes: int = 256, repeats: int = 7) -> fl
     a ``megabytes`` fp32 tensor with ``threads`` torch threads - far larger than any cache."""
     import torch
 
-    from .runtime import torch_threads
+    from ..export.runtime import torch_threads
 
     with torch_threads(threads):
         src = torch.rand(megabytes * 2**20 // 4)
@@ -148,7 +148,7 @@ def site_bytes(path: str | os.PathLike[str]) -> int | None:
     non-batch sizes is not static."""
     import onnx
 
-    from .onnx_optimize import in_dia
+    from ..export.optimize import in_dia
 
     model = onnx.load(str(path), load_external_data=False)
     shapes = {info.name: [d.dim_value if d.HasField("dim_value") else None

@@ -35,23 +35,18 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..analysis.graph import count_parameters
+from ..capture.tracing import ExampleInputs
+from ..errors import ExportError, InputError, VerificationError, first_line
+from ..files import atomic_path, check_output_path
+from ..modules.graph_module import unwrap
+from ..scope import parts_of, scope_info
 from .detection import MatchReport, MatchRule, match_detections
-from .errors import ExportError, InputError, VerificationError, first_line
-from .graph_module import unwrap
 from .lowp import apply_dia_weights, check_dia_weights
-from .onnx_export import (
-    ExportReport,
-    atomic_path,
-    check_output_path,
-    export_onnx,
-    mark_dia_scopes_in_file,
-    onnx_file_bytes,
-    ort_session,
-    register_special_export,
-)
-from .onnx_optimize import OnnxOptimize, optimize_onnx_file, resolve_optimize
-from .scope import parts_of, scope_info
-from .tracing import ExampleInputs, count_parameters
+from .onnx_files import onnx_file_bytes
+from .optimize import OnnxOptimize, optimize_onnx_file, resolve_optimize
+from .portable import ExportReport, export_portable, mark_dia_scopes_in_file
+from .runtime import ort_session
 
 DETECTION_EXPORTERS = ("auto", "torchscript", "dynamo")
 
@@ -313,7 +308,7 @@ def export_detector(
     """
     import onnx
 
-    from .transform import strip_ssia
+    from ..transform import strip_ssia
 
     if exporter not in DETECTION_EXPORTERS:
         raise ExportError(f"exporter={exporter!r} is not one of {', '.join(DETECTION_EXPORTERS)}")
@@ -415,7 +410,7 @@ def _export_parts(lean: nn.Module, target: Path, overwrite: bool, notes: list[st
         if inputs is None:
             raise ExportError(f"scope part {part_path!r} has no recorded example inputs")
         out = target.with_name(f"{target.stem}.{part_path}.onnx")
-        reports[part_path] = export_onnx(part, out, inputs, overwrite=overwrite,
+        reports[part_path] = export_portable(part, out, inputs, overwrite=overwrite,
                                          dia_weights=dia_weights, optimize=optimize)
     return DetectionExportReport(
         path="", exporter="", opset=0, file_bytes=0, nodes=0,
@@ -428,16 +423,3 @@ def is_detection_export(module: nn.Module, inputs: ExampleInputs) -> bool:
     """A scoped fxattn model, or a forward fed a list of images (a torchvision detector)."""
     return scope_info(module) is not None or bool(
         inputs.args and isinstance(inputs.args[0], list) and inputs.batches()[1])
-
-
-def _export_onnx_detector(module: nn.Module, path: Path, inputs: ExampleInputs, *,
-                          verify: bool, overwrite: bool, seed: int, exporter: str,
-                          opset: int | None, dia_weights: str | None,
-                          optimize: bool | OnnxOptimize | None) -> DetectionExportReport:
-    """:func:`fxattn.export_onnx`'s options, passed on to :func:`export_detector`."""
-    return export_detector(module, path, inputs.args, verify=verify, overwrite=overwrite,
-                           seed=seed, exporter=exporter, opset=opset, dia_weights=dia_weights,
-                           optimize=optimize)
-
-
-register_special_export(is_detection_export, _export_onnx_detector)

@@ -56,3 +56,19 @@ def readers(graph: Any) -> dict[str, list[Any]]:
         for name in node_reads(node):
             found.setdefault(name, []).append(node)
     return found
+
+
+def remove_dead_nodes(model: Any) -> None:
+    """Drop the nodes of ``model`` (in topological order) that no graph output depends on."""
+    needed = {out.name for out in model.graph.output}
+    keep = []
+    for node in reversed(list(model.graph.node)):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node_reads(node))  # an If's branches read outer names too
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(keep))
+
+
+def op_types(model: Any) -> Iterable[str]:
+    return (node.op_type for node in model.graph.node)

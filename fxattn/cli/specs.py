@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelSpecError
+from ..errors import ModelSpecError
 
 _IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-def external_data_path(model_path: Path) -> Path:
-    """Where a model over 2 GB keeps its weights: ``<model file name>.data`` beside it."""
-    return model_path.with_name(model_path.name + ".data")
+from ..files import external_data_path
 
 
 def save_with_external_data(model: Any, path: Path) -> None:

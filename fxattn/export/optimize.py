@@ -79,11 +79,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..names import DIA_PREFIX
 from .onnx_graph import graph_reads, has_control_flow, readers
 
 #: name scope of DIA's modules in the exported graph (``fxattn_dia.g0`` ...)
-DIA_SCOPE = "fxattn_dia."
 #: metadata entry with a node's DIA scope, where the exporter records no module scopes
 SCOPE_KEY = "fxattn.name_scope"
 #: channel block of onnxruntime's blocked layout: 8 (AVX2) or 16 (AVX-512); 16 is safe for both
@@ -178,14 +178,14 @@ def in_dia(node: Any) -> bool:
     :func:`mark_dia_scopes` recorded on a TorchScript export, or a scoped node name."""
     for prop in node.metadata_props:
         if prop.key == SCOPE_KEY:
-            return prop.value.startswith(DIA_SCOPE)
+            return prop.value.startswith(DIA_PREFIX)
         if prop.key == "pkg.torch.onnx.name_scopes":
             try:
                 scopes = ast.literal_eval(prop.value)
             except (ValueError, SyntaxError):
                 scopes = [prop.value]
-            return any(str(s).startswith(DIA_SCOPE) for s in scopes)
-    return DIA_SCOPE in node.name
+            return any(str(s).startswith(DIA_PREFIX) for s in scopes)
+    return DIA_PREFIX in node.name
 
 
 def mark_dia_scopes(model: Any) -> int:
@@ -209,8 +209,8 @@ def mark_dia_scopes(model: Any) -> int:
     groups: set[tuple[str, str]] = set()  # (the scope's parent, the group): ("/inner/", "g2")
     for node in model.graph.node:
         for name in node.input:
-            if name in parameters and is_dia_name(name, DIA_SCOPE):
-                group = name[name.index(DIA_SCOPE) + len(DIA_SCOPE):].split(".")[0]
+            if name in parameters and is_dia_name(name, DIA_PREFIX):
+                group = name[name.index(DIA_PREFIX) + len(DIA_PREFIX):].split(".")[0]
                 parts = node.name.split("/")[:-1]
                 if group in parts:
                     groups.add(("/".join(parts[:parts.index(group)]) + "/", group))
@@ -221,12 +221,12 @@ def mark_dia_scopes(model: Any) -> int:
             call, _, rest = node.name[len(parent):].partition("/")
             if node.name.startswith(parent) and rest \
                     and re.fullmatch(rf"{re.escape(group)}(_\d+)?", call):  # g2, g2_1, ...
-                return parent + call + "/", DIA_SCOPE + group
+                return parent + call + "/", DIA_PREFIX + group
         return None
 
     scoped = [(node, found) for node in model.graph.node if (found := scope(node))]
     foreign = {prefix for node, (prefix, _) in scoped
-               if any(name in parameters and not is_dia_name(name, DIA_SCOPE)
+               if any(name in parameters and not is_dia_name(name, DIA_PREFIX)
                       for name in node.input)}
     marked = 0
     for node, (prefix, dia_scope) in scoped:

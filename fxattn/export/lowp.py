@@ -38,18 +38,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import Tolerance
-from .errors import ExportError
+from ..config import Tolerance
+from ..errors import ExportError
+from ..names import DIA_PREFIX
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
-from .onnx_graph import graph_reads, node_reads, subgraphs
+from .onnx_graph import graph_reads, node_reads, remove_dead_nodes, subgraphs
 
-DIA_PREFIX = "fxattn_dia."
 DIA_WEIGHT_MODES = ("fp32", "fp16", "int8", "int4")
 #: rows of a matrix column that share one scale in int8 / int4 (onnxruntime's quantiser's own
 #: default). Blocks of 32 store 0.125 more bytes per weight (fp32 scales: a fifth of int4's
@@ -348,18 +348,6 @@ def fold_initial_state(
     return removed
 
 
-def remove_dead_nodes(model: Any) -> None:
-    """Drop the nodes of ``model`` (in topological order) that no graph output depends on."""
-    needed = {out.name for out in model.graph.output}
-    keep = []
-    for node in reversed(list(model.graph.node)):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(node_reads(node))  # an If's branches read outer names too
-    del model.graph.node[:]
-    model.graph.node.extend(reversed(keep))
-
-
 def check_dia_weights(mode: str | None) -> None:
     """Refuse a ``dia_weights`` that is not one of :data:`DIA_WEIGHT_MODES` (``None``: as
     exported); exports call it before exporting, which can take minutes."""
@@ -421,7 +409,3 @@ def tolerance(mode: str, base: Tolerance) -> Tolerance:
         return base
     loose = base.loosened(LOWP_ATOL[mode], LOWP_RTOL[mode])
     return dataclasses.replace(loose, float64_check=False)
-
-
-def op_types(model: Any) -> Iterable[str]:
-    return (node.op_type for node in model.graph.node)

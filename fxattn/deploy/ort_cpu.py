@@ -69,15 +69,15 @@ from typing import Any
 
 import numpy as np
 
-from .config import DEFAULT_ATOL, DEFAULT_RTOL
-from .errors import ConfigError, ExportError, VerificationError, first_line
-from .lowp import LOWP_ATOL, LOWP_RTOL, remove_dead_nodes
-from .onnx_export import atomic_path, check_output_path
-from .onnx_files import save_with_external_data
-from .onnx_graph import graph_reads, has_control_flow, readers
-from .onnx_optimize import in_dia, node_attr, tensor_shapes
-from .runtime import ort_session
-from .verify import element_ratios
+from ..config import DEFAULT_ATOL, DEFAULT_RTOL
+from ..errors import ConfigError, ExportError, VerificationError, first_line
+from ..export.lowp import LOWP_ATOL, LOWP_RTOL
+from ..export.onnx_files import save_with_external_data
+from ..export.onnx_graph import graph_reads, has_control_flow, readers, remove_dead_nodes
+from ..export.optimize import in_dia, node_attr, tensor_shapes
+from ..export.runtime import ort_session
+from ..export.verify import element_ratios
+from ..files import atomic_path, check_output_path
 
 NCHWC = "com.microsoft.nchwc"
 METADATA_KEY = "fxattn.ort_cpu"

@@ -21,12 +21,9 @@ import copy
 import inspect as pyinspect
 import io
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,21 +33,20 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .config import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
-from .errors import ConfigError, ExportError, InputError, first_line
-from .export_compat import ExportCompatMode
-from .graph_module import AttentionGraphModule, unwrap
+from ..analysis.graph import count_parameters
+from ..capture.tracing import ExampleInputs
+from ..config import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
+from ..errors import ConfigError, ExportError, InputError, first_line
+from ..files import atomic_path, check_output_path
+from ..modules.graph_module import AttentionGraphModule, unwrap
+from .compat import ExportCompatMode
 from .lowp import apply_dia_weights, check_dia_weights
 from .lowp import tolerance as lowp_tolerance
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
-from .onnx_optimize import OnnxOptimize, mark_dia_scopes
-from .runtime import ort_feed, ort_session
-from .tracing import ExampleInputs, count_parameters
+from .optimize import OnnxOptimize, mark_dia_scopes
 from .verify import VerificationReport, verify_onnx
 
-# re-exported: callers import these from here
-__all__ = ["ExportReport", "export_onnx", "external_data_path", "onnx_file_bytes", "ort_feed",
-           "ort_session", "save_with_external_data", "verify_onnx"]
+__all__ = ["ExportReport", "export_portable"]
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
@@ -103,69 +99,6 @@ class ExportReport:
 #: plain export: ``(recognises(module, inputs), export(module, path, inputs, **options))``.
 #: :mod:`fxattn.export_detection` registers detectors (``list[image] -> list[dict]``); a
 #: registry keeps this module below the special exports instead of importing them.
-SPECIAL_EXPORTS: list[tuple[Callable[[nn.Module, ExampleInputs], bool], Callable[..., Any]]] = []
-
-
-def register_special_export(recognises: Callable[[nn.Module, ExampleInputs], bool],
-                            export: Callable[..., Any]) -> None:
-    """Route :func:`export_onnx` calls whose module and inputs ``recognises`` to ``export``."""
-    SPECIAL_EXPORTS.append((recognises, export))
-
-
-def check_output_path(path: str | os.PathLike[str], overwrite: bool = True) -> Path:
-    """Fail early, with a clear message, when ``path`` cannot receive a file."""
-    target = Path(path)
-    if str(path) == "" or target.name == "":
-        raise ExportError("the output path is empty; give a file name such as model.onnx")
-    if target.is_dir():
-        raise ExportError(f"output path {target} is a directory; give a file name inside it")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.exists():
-        raise ExportError(f"the folder {parent} does not exist; create it first")
-    if not parent.is_dir():
-        raise ExportError(f"{parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"the folder {parent} is not writable; choose another output path")
-    if target.exists() and not overwrite:
-        raise ExportError(f"{target} already exists; pass overwrite=True (--force) to replace it")
-    return target
-
-
-@contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield ``target``'s name in a private folder beside it; move it over ``target`` on success.
-
-    Writers that add companion files keep their names right: an ONNX model over 2 GB stores its
-    weights in ``<name>.data``, referenced by that name from inside the model, so the model is
-    staged under its final name and the data file moves along with it (data first, model last,
-    so ``target`` never names a model whose data is missing).
-
-    An ``OSError`` on the way (a folder nothing can be created in, a full disk) becomes an
-    :class:`ExportError`; either way the staging folder is removed and ``target`` is untouched.
-    """
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    except OSError as exc:
-        raise ExportError(
-            f"cannot create a file in {target.parent} ({exc.strerror or exc}); choose a "
-            "writable folder"
-        ) from None
-    staged = staging / target.name
-    try:
-        try:
-            yield staged
-            data = external_data_path(staged)
-            if data.exists():
-                os.replace(data, external_data_path(target))
-            os.replace(staged, target)
-        except OSError as exc:
-            raise ExportError(
-                f"writing {target} failed ({exc.strerror or exc}); nothing was written"
-            ) from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _consolidate_external_data(staged: Path) -> None:
     """Leave at most one companion file, ``<name>.data``, whatever layout the exporter chose.
 
@@ -322,7 +255,7 @@ def mark_dia_scopes_in_file(path: Path) -> None:
         onnx.save(model, str(path))
 
 
-def export_onnx(
+def export_portable(
     module: nn.Module,
     path: str | os.PathLike[str],
     example_inputs: Any,
@@ -339,45 +272,8 @@ def export_onnx(
     dia_weights: str | None = None,
     optimize: bool | OnnxOptimize | None = True,
 ) -> ExportReport:
-    """Export ``module`` to ``path`` as ONNX with a dynamic batch and verify it in onnxruntime.
-
-    An fxattn training module is stripped first (its lean evaluation graph is exported). The
-    module is exported in eval mode; a module in training mode is copied, never switched.
-
-    Args:
-        module: the module to export (typically ``fxattn.strip_ssia(net)``).
-        path: the ``.onnx`` file to write (see the overwrite policy in the module docstring).
-        example_inputs: one batch, as for :func:`fxattn.transform`.
-        opset: ONNX opset (exporter default when ``None``).
-        exporter: ``"auto"`` (dynamo, then TorchScript on failure), ``"dynamo"`` or
-            ``"torchscript"``. When the dynamo exporter fails, it is retried once with exact
-            export-compatibility rewrites (:mod:`fxattn.export_compat`); the report then says
-            ``"dynamo+compat"``.
-        verify: compare onnxruntime with PyTorch at ``batch_sizes`` (two sizes, not only 1).
-        atol, rtol: every output element must satisfy ``|ort - torch| <= atol + rtol*|torch|``
-            (defaults 1e-6 and 1e-5, chosen from the zoo's measured errors; see
-            :mod:`fxattn.verify`).
-        float64_check: when that fails, judge the error against PyTorch's own float32 rounding
-            error, measured with a float64 run (ill-conditioned outputs; on by default).
-        dia_weights: ``"fp16"``, ``"int8"`` or ``"int4"`` stores only DIA's matrices at lower
-            precision (see :mod:`fxattn.lowp`); verification then uses that mode's looser
-            tolerance (``fxattn.lowp.LOWP_ATOL`` / ``LOWP_RTOL``) where it exceeds yours.
-        optimize: the exact DIA rewrites of :mod:`fxattn.onnx_optimize` (``True``, the
-            default: all but the opt-in ``blocked_scale`` and ``fused_residual``; ``False``:
-            none; an :class:`fxattn.OnnxOptimize` picks them). A model without DIA is never
-            changed by them.
-
-    A detector (a scoped fxattn model, or a module fed a list of images) is exported whole
-    by :func:`fxattn.export_detection.export_detector` (``exporter``, ``opset``, ``verify``,
-    ``seed``, ``dia_weights`` and ``optimize`` passed on), which verifies detections instead of
-    elements and returns its ``DetectionExportReport``.
-
-    Raises:
-        ExportError: the path cannot be written or no exporter could export the module.
-        VerificationError: onnxruntime disagrees with PyTorch beyond the tolerance; the message
-            names the worst element (output, batch, index, both values, errors).
-        ExportError: also when ``atol`` / ``rtol`` are negative, not finite, or both zero.
-    """
+    """The portable export of one module: :func:`fxattn.export.export_onnx` without the
+    detector dispatch (the arguments are that function's)."""
     import onnx
 
     if exporter not in EXPORTERS:
@@ -401,20 +297,15 @@ def export_onnx(
             f"opset={opset!r} is not an ONNX opset this onnx supports (7 to "
             f"{onnx.defs.onnx_opset_version()}); leave it None for the exporter's default"
         )
-    from .onnx_optimize import optimize_onnx_file, resolve_optimize
+    from .optimize import optimize_onnx_file, resolve_optimize
 
     rewrites = resolve_optimize(optimize)
     target = check_output_path(path, overwrite)
     inputs = ExampleInputs.from_user(example_inputs)
     notes: list[str] = []
     module = unwrap(module)
-    for recognises, special_export in SPECIAL_EXPORTS:  # e.g. list[image] -> list[dict]
-        if recognises(module, inputs):
-            return special_export(module, target, inputs, verify=verify,  # type: ignore
-                                  overwrite=overwrite, seed=seed, exporter=exporter, opset=opset,
-                                  dia_weights=dia_weights, optimize=optimize)
     if isinstance(module, AttentionGraphModule):
-        from .transform import strip_ssia
+        from ..transform import strip_ssia
 
         module = strip_ssia(module)
         notes.append("exported the stripped (lean) evaluation graph of the fxattn module")
