@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import fxattn
-from fxattn.cli.specs import build_model
+from fxattn.capture.specs import build_model
 
 console = Console(highlight=False)
 

@@ -337,7 +337,7 @@ def load(
         model: the original architecture (random weights are fine). Needed when the file
             was saved without a ``model_spec``.
     """
-    from .cli.specs import build_model
+    from .capture.specs import build_model
     from .transform import strip_ssia, transform
 
     payload = read(path)

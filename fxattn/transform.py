@@ -274,23 +274,29 @@ def _build(
     if ssia_cfg is not None and not plan.active_pairs:
         raise AnalysisError(_no_ssia_pair_message(type(model).__name__, plan))
     root = prepared.root
+    active_pairs = plan.active_pairs
+    # the passes first: both graphs rewritten to call the modules they will own
     train_graph = prepared.graphs.train.graph
     eval_graph = prepared.graphs.eval.graph
     replaced: dict[str, str] = {}
     if dia_cfg is not None:
-        device, dtype = _placement(root, prepared.inputs)
+        stateful = dia_cfg.module == "lstm"
+        train_graph, train_report = insert_dia(train_graph, plan.sites, stateful)
+        eval_graph, _ = insert_dia(eval_graph, eval_plan.sites, stateful)
+        replaced = train_report.replaced
+    if ssia_cfg is not None:
+        train_graph, _ = insert_ssia(train_graph, plan.taps, replaced, attach=ssia_cfg.attach)
+    # then the modules those calls name, placed like the model's own weights
+    device, dtype = _placement(root, prepared.inputs)
+    if dia_cfg is not None:
         dia_modules = nn.Module()
         for spec in plan.dia_modules:
             module = build_dia_module(dia_cfg.module, spec.channels, dia_cfg.reduction,
                                       spec.channel_dim)
             dia_modules.add_module(spec.name, module.to(device=device, dtype=dtype))
         root.add_module(DIA_ROOT, dia_modules)
-        stateful = dia_cfg.module == "lstm"
-        train_graph, train_report = insert_dia(train_graph, plan.sites, stateful)
-        eval_graph, _ = insert_dia(eval_graph, eval_plan.sites, stateful)
-        replaced = train_report.replaced
     if ssia_cfg is not None:
-        pairs = [PairSpec(p.low, p.high, p.resize) for p in plan.active_pairs]
+        pairs = [PairSpec(p.low, p.high, p.resize) for p in active_pairs]
         taps = [
             TapSpec(t.channel_dim, t.shape[t.channel_dim], t.grid, t.skip_tokens)
             for t in plan.taps
@@ -299,10 +305,7 @@ def _build(
                                map=ssia_cfg.map)
         if ssia_cfg.attach:
             ssia_module.add_module("attach", SSIAAttach())
-        device, dtype = _placement(root, prepared.inputs)
         root.add_module(SSIA_ROOT, ssia_module.to(device=device, dtype=dtype))
-        train_graph, _ = insert_ssia(train_graph, plan.taps, replaced, attach=ssia_cfg.attach,
-                                     root=root)
     info = TransformInfo(
         plan=plan,
         dia=dia_cfg.to_dict() if dia_cfg else None,

@@ -774,12 +774,12 @@ def test_cli_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> No
 def test_cli_internal_error_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """A bug inside fxattn (here: a ZeroDivisionError) is exit 1 and one line, not a trace."""
-    import fxattn.cli.specs
+    import fxattn.capture.specs
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise ZeroDivisionError("division by zero\nsecond line")
 
-    monkeypatch.setattr(fxattn.specs, "build_model", broken)
+    monkeypatch.setattr(fxattn.capture.specs, "build_model", broken)
     assert main(["inspect", "torchvision:resnet18"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ZeroDivisionError: division by zero" in err
@@ -871,10 +871,10 @@ def test_every_torch_load_is_weights_only() -> None:
 
 
 def test_factory_specs_are_documented_as_importing_code() -> None:
-    import fxattn.cli.specs
+    import fxattn.capture.specs
     from fxattn.cli import build_parser
 
-    assert "imports and runs code" in " ".join((fxattn.cli.specs.__doc__ or "").split())
+    assert "imports and runs code" in " ".join((fxattn.capture.specs.__doc__ or "").split())
     help_text = build_parser()._subparsers._group_actions[0].choices["inspect"].format_help()
     assert "imports that module" in " ".join(help_text.split())
     docs = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.fx as fx
+from torch import nn
 
 from .encoder import downsampling_end
 from .graph import (
@@ -26,7 +27,7 @@ from .graph import (
     tensor_shape,
 )
 from .layouts import feature_grid, layout_name, token_grid
-from .ops import OpInfo
+from .ops import OpInfo, modifies_in_place
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,13 @@ class Tap:
     layout: str
     grid: tuple[int, ...] | None  # spatial grid of the attention map; None when not a grid
     skip_tokens: int  # leading non-grid tokens (class / register tokens) dropped
+    # a user writes into the tap's storage (timm's ReLU(inplace=True) after a residual add):
+    # SSIA must read a copy, or autograd's saved tensor goes stale
+    modified_in_place: bool = False
 
 
-def _make_tap(node: fx.Node, index: int, dims: dict[fx.Node, int | None], key: str) -> Tap:
+def _make_tap(node: fx.Node, index: int, dims: dict[fx.Node, int | None], key: str,
+              root: nn.Module) -> Tap:
     """A tap and the grid its attention map lives on.
 
     Every channel-first or channels-last feature map has a grid: its non-batch, non-channel
@@ -64,7 +69,8 @@ def _make_tap(node: fx.Node, index: int, dims: dict[fx.Node, int | None], key: s
     else:
         grid = None
     path = node_module_path(node)
-    return Tap(index, node.name, path, key, shape, channel_dim, layout, grid, skip)
+    in_place = any(modifies_in_place(user, node, root) for user in node.users)
+    return Tap(index, node.name, path, key, shape, channel_dim, layout, grid, skip, in_place)
 
 
 def find_taps(
@@ -116,7 +122,7 @@ def find_taps(
                 f"no two stage outputs on the main path: {count} taps evenly spaced over "
                 f"{len(blocks)} residual blocks"
             ]
-    taps = [_make_tap(node, i, dims, keys[node]) for i, node in enumerate(chosen)]
+    taps = [_make_tap(node, i, dims, keys[node], gm) for i, node in enumerate(chosen)]
     return taps, notes
 
 

@@ -126,8 +126,8 @@ def _methods(args: argparse.Namespace) -> tuple[Any, Any]:
 def _model_and_input(args: argparse.Namespace) -> tuple[Any, Any, str]:
     import torch
 
+    from ..capture.specs import build_model, parse_shape, random_input
     from ..export.detection import detection_targets_for, is_detector, random_detection_batch
-    from .specs import build_model, parse_shape, random_input
 
     if not args.model.strip():
         raise ModelSpecError("empty model spec; use e.g. torchvision:resnet18 or timm:resnet50")
@@ -205,10 +205,10 @@ def cmd_transform(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
+    from ..capture.specs import parse_shape, random_input
     from ..export import export_onnx
     from ..serialization import load, read
     from ..transform import strip_ssia, transform
-    from .specs import parse_shape, random_input
 
     if Path(args.model).exists() or Path(args.model).suffix in (".fxattn", ".pt", ".pth"):
         payload = read(args.model)

@@ -46,6 +46,7 @@ from torch.fx.graph_module import (  # fx's own pickling machinery, reused for t
 from torch.package import sys_importer
 
 from ..analysis import Plan
+from ..capture.wrappers import unwrap  # noqa: F401 - re-exported: callers import it from here
 from ..errors import InputError
 from ..names import FXATTN_META, SSIA_ROOT
 
@@ -339,20 +340,6 @@ def _dispatching(graph_forward: Callable[..., Any]) -> Callable[..., Any]:
 
 def is_fxattn_module(module: nn.Module) -> bool:
     return isinstance(module, AttentionGraphModule)
-
-
-def unwrap(module: Any) -> Any:
-    """Look through DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        elif isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-        else:
-            break
-    return module
 
 
 def deepcopy_module(module: nn.Module) -> nn.Module:

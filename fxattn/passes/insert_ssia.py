@@ -18,9 +18,8 @@ import copy
 from dataclasses import dataclass
 
 import torch.fx as fx
-from torch import nn
 
-from ..analysis import Tap, modifies_in_place
+from ..analysis import Tap
 from ..names import FXATTN_META, SSIA_ROOT
 
 
@@ -35,13 +34,12 @@ def insert_ssia(
     taps: list[Tap],
     replaced: dict[str, str] | None = None,
     attach: bool = False,
-    root: nn.Module | None = None,
 ) -> tuple[fx.Graph, SSIAInsertReport]:
     """Return a copy of ``graph`` whose forward also computes the SSIA loss from the taps.
 
     ``replaced`` maps a tap that DIA re-routed (stage-output sites) to the node carrying the
-    attended value, so SSIA sees the same features as the rest of the network. ``root`` owns
-    the graph's modules (to tell an in-place module user; without it only functions count).
+    attended value, so SSIA sees the same features as the rest of the network. A tap the
+    analysis found modified in place (``Tap.modified_in_place``) is cloned first.
     """
     replaced = replaced or {}
     new_graph = copy.deepcopy(graph)
@@ -49,10 +47,10 @@ def insert_ssia(
     features = [nodes[replaced.get(tap.node, tap.node)] for tap in taps]
     maps = []
     inserted = 0
-    for i, feature in enumerate(features):
+    for i, (tap, feature) in enumerate(zip(taps, features, strict=True)):
         source = feature
         with new_graph.inserting_before(feature.next):
-            if any(modifies_in_place(user, feature, root or nn.Module()) for user in feature.users):
+            if tap.modified_in_place:
                 source = new_graph.call_method("clone", (feature,))
                 source.meta[FXATTN_META] = "ssia"
                 inserted += 1
