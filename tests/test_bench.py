@@ -59,7 +59,8 @@ def test_spinning_times_each_onnx_model_alone_in_alternating_blocks(
 ) -> None:
     """``spinning=True``: every onnxruntime session spins and is the only live one while it is
     timed; every model gets all its runs, and the result says how it was measured."""
-    from fxattn import bench, runtime
+    from fxattn.bench import onnx_models
+    from fxattn.export import runtime
 
     live: list[int] = []  # which session ran, in order
     made: list[tuple[str, bool]] = []
@@ -78,7 +79,7 @@ def test_spinning_times_each_onnx_model_alone_in_alternating_blocks(
             live.append(self.index)
             return self.session.run(*args)
 
-    monkeypatch.setattr(bench, "ort_session",
+    monkeypatch.setattr(onnx_models, "ort_session",
                         lambda path, threads=None, spinning=False: Tracked(
                             path, spinning, threads=threads))
     result = fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), ssia=False, batch_sizes=(1,),
@@ -293,7 +294,7 @@ def test_a_low_precision_variant_that_fails_its_tolerance_is_reported_not_timed(
 ) -> None:
     """int4 DIA weights held to a tolerance no quantisation meets fail verification: the
     benchmark still times every other model and records why that one is missing."""
-    from fxattn import lowp
+    from fxattn.export import lowp
     from fxattn.config import Tolerance
 
     real = lowp.tolerance

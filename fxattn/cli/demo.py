@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from ..analysis.graph import count_parameters
-from ..bench.benchmark import interleaved
+from ..bench.protocol import interleaved
 from ..capture.tracing import ExampleInputs
 from ..deploy.ort_cpu import compile_ort_cpu
 from ..export import export_onnx

@@ -263,7 +263,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``fxattn bench``: original vs lean, written to ``--out`` as JSON, Markdown and PNG."""
-    from ..bench.benchmark import benchmark
+    from ..bench import benchmark
     from ..config import Tolerance
 
     try:
