@@ -294,8 +294,8 @@ def test_a_low_precision_variant_that_fails_its_tolerance_is_reported_not_timed(
 ) -> None:
     """int4 DIA weights held to a tolerance no quantisation meets fail verification: the
     benchmark still times every other model and records why that one is missing."""
-    from fxattn.export import lowp
     from fxattn.config import Tolerance
+    from fxattn.export import lowp
 
     real = lowp.tolerance
     monkeypatch.setattr(lowp, "tolerance", lambda mode, base: Tolerance(

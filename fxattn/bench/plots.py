@@ -1,21 +1,19 @@
-"""The PNG plots of a :class:`~fxattn.bench.results.BenchmarkResult`: latency per engine and
-batch, and DIA's added latency against its memory-bandwidth bound."""
+"""The PNG plots of a :class:`~fxattn.bench.results.BenchmarkResult` (passed in; this module
+does not import it): latency per engine and batch, and DIA's added latency against its
+memory-bandwidth bound."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .results import BenchmarkResult
 
 #: latency panels per row
 COLUMNS = 6
 
 
-def plot_latency(result: BenchmarkResult, path: str | os.PathLike[str]) -> None:
+def plot_latency(result: Any, path: str | os.PathLike[str]) -> None:
     """Bar chart: p50 latency per model, one panel per engine and batch, ratio on top."""
     import matplotlib
 
@@ -52,7 +50,7 @@ def plot_latency(result: BenchmarkResult, path: str | os.PathLike[str]) -> None:
     plt.close(fig)
 
 
-def plot_cost(result: BenchmarkResult, path: str | os.PathLike[str]) -> None:
+def plot_cost(result: Any, path: str | os.PathLike[str]) -> None:
     """Bars: DIA's added latency next to its memory-bandwidth lower bound, per batch."""
     import matplotlib
 

@@ -231,6 +231,7 @@ class _Arms:
         self.dia, self.ssia = resolve_dia(dia), resolve_ssia(ssia)
         self.torch_only: set[str] = set()
         self._cache: dict[str, nn.Module] = {}
+        self._made: dict[str, dict[str, nn.Module]] = {}
 
     def _transform(self, key: str, dia: DIA | None, ssia: Any) -> nn.Module:
         from ..transform import transform
@@ -266,7 +267,7 @@ class _Arms:
         lean = strip_ssia(self.net())
         seconds = time.perf_counter() - start
         modules: dict[str, nn.Module] = {"original": _eval_copy(self.model), "lean": lean}
-        for name, module in _extras(extra, lean).items():
+        for name, module in self.extras(extra, lean).items():
             if name in modules:
                 raise ConfigError(f"extra model name {name!r} is taken; choose another")
             modules[name] = _eval_copy(module)
@@ -280,18 +281,25 @@ class _Arms:
         models["lean"].transform_seconds = seconds
         return modules, models
 
+    def extras(self, extra: dict[str, Extra] | None,
+               lean: nn.Module | None = None) -> dict[str, nn.Module]:
+        """The extra models, those given as a function of the lean module made from it once."""
+        from ..transform import strip_ssia
+
+        if "extras" not in self._made:
+            self._made["extras"] = _extras(extra, lean if lean is not None
+                                           else strip_ssia(self.net()))
+        return self._made["extras"]
+
     def training(self, extra: dict[str, Extra] | None, anchors: bool) -> dict[str, nn.Module]:
         """Fresh training copies: ``original``, ``dia``, ``dia+ssia`` (or ``ssia``), the
         extra models and the anchors."""
-        from ..transform import strip_ssia
-
         arms: dict[str, nn.Module] = {"original": self.model}
         if self.dia is not None:
             arms["dia"] = self.dia_only()
         if self.ssia is not None:
             arms["dia+ssia" if self.dia is not None else "ssia"] = self.net()
-        lean = strip_ssia(self.net())
-        arms |= _extras(extra, lean)
+        arms |= self.extras(extra)
         if anchors:
             arms["se-per-block"] = self.se_per_block()
             decomposed = self.decomposed()

@@ -280,6 +280,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runs=args.runs, warmup=args.warmup, engines=engines, dia_weights=modes,
         unoptimized=args.unoptimized, spinning=args.spinning, compiled=args.compiled,
         exporter=args.exporter, out_dir=args.out,
+        device=args.device, modes=_names(args.modes), precisions=_names(args.precisions),
+        train_batch=args.train_batch, ops=args.ops, anchors=args.anchors,
         progress=sys.stderr.isatty(),
         tolerance=Tolerance(args.atol, args.rtol, not args.no_float64_check),
         title=f"{spec}: original vs lean (dia={bool(dia)}, ssia={bool(ssia)})",
@@ -288,6 +290,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(result.to_markdown())
     print(f"wrote {Path(args.out) / 'bench.json'}, bench.md and bench.png")
     return 0
+
+
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated option as a list (``None``, the device's default, when not given)."""
+    return None if text is None else [part for part in text.split(",") if part]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,6 +394,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "each batch size (<name>-ort-cpu; see `fxattn compile`)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
                    help="the ONNX exporter of every model (as `fxattn export`)")
+    p.add_argument("--device", default="cpu",
+                   help="where PyTorch runs: cpu, cuda or cuda:N (default: cpu); on a GPU, "
+                        "onnxruntime runs through its CUDA / TensorRT providers where it has them")
+    p.add_argument("--modes", default=None,
+                   help="PyTorch modes, comma-separated: eager, cuda-graph, compile (default: "
+                        "eager on cpu, all three on cuda)")
+    p.add_argument("--precisions", default=None,
+                   help="fp32, bf16 (autocast), comma-separated (default: fp32 on cpu, both "
+                        "on cuda)")
+    p.add_argument("--train-batch", type=_positive_int, default=None,
+                   help="also time the training step (forward, loss, backward, SGD) of the "
+                        "original, DIA and DIA + SSIA at this batch, with peak memory on a GPU")
+    p.add_argument("--ops", action=argparse.BooleanOptionalAction, default=None,
+                   help="the aten operators DIA adds per site and SSIA per tap, and on a GPU "
+                        "the CUDA kernels per step (default: on for cuda)")
+    p.add_argument("--anchors", action="store_true",
+                   help="also time an SE-per-block model (DIA(module='se', share='none'))")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", parents=[debug], help="the whole pipeline on torchvision ResNet-18")
