@@ -32,6 +32,7 @@ CPU smoke test) or ``--allow-cpu`` (the full protocol on the CPU) is given.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-cpu", action="store_true",
                         help="run the full protocol on the CPU when there is no GPU (slow)")
     parser.add_argument("--commit", default=None, help="the git commit measured")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of torch")
+    parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
+                        help="CPU threads of torch (the operator count runs on the CPU)")
     parser.add_argument("--budget-s", type=int, default=420,
                         help="skip torch.compile when less than --compile-s of this is left")
     parser.add_argument("--compile-s", type=int, default=200)

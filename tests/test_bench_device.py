@@ -24,6 +24,7 @@ from fxattn.bench import (
     count_aten_ops,
     op_account,
     ops_per_site,
+    ort_gpu_providers,
     resolve_device,
     step_ops,
 )
@@ -47,6 +48,8 @@ def test_a_missing_device_is_a_config_error(capsys: pytest.CaptureFixture[str]) 
         resolve_device("cuda:99")
     with pytest.raises(ConfigError, match="'cuda-graph' needs a CUDA device"):
         fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), modes=("cuda-graph",))
+    providers, note = ort_gpu_providers()
+    assert bool(note) == (len(providers) < 2)  # says plainly which GPU provider is missing
     if NO_CUDA:
         with pytest.raises(ConfigError, match="no CUDA device"):
             fxattn.benchmark(_tiny(), torch.randn(2, 3, 32, 32), device="cuda")

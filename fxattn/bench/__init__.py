@@ -10,7 +10,7 @@ peak memory), ``op_count.py`` (aten operators per DIA site), ``results.py`` and 
 an ONNX file).
 """
 
-from .device import resolve_device
+from .device import ort_gpu_providers, resolve_device
 from .onnx_models import COMPILED_BASELINE
 from .op_count import (
     AtenOpCounter,
@@ -60,6 +60,7 @@ __all__ = [
     "interleaved_samples",
     "machine_info",
     "op_account",
+    "ort_gpu_providers",
     "ops_per_site",
     "peak_cuda_memory",
     "peak_step_memory",

@@ -105,6 +105,7 @@ def peak_cuda_memory(step: TrainStep, steps: int = 2) -> StepMemory:
     (``torch.cuda.max_memory_allocated``). Run it once before: the optimizer's state then
     exists and counts as state, not as the step's."""
     device = step.device
+    step.optimizer.zero_grad(set_to_none=True)  # its gradients count as the step's
     gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
