@@ -32,7 +32,7 @@ import torch.fx as fx
 from torch import nn
 
 from .analysis import Plan, Site
-from .capture.tracing import ExampleInputs
+from .capture import ExampleInputs
 from .errors import AnalysisError, NotTransformedError
 from .modules.dia import DIALSTMCell, SharedSE
 from .modules.graph_module import AttentionGraphModule, unwrap

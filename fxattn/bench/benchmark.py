@@ -518,7 +518,7 @@ def benchmark(
     ``"torchscript"``).
     """
     from ..analysis.graph import count_parameters
-    from ..capture.tracing import ExampleInputs
+    from ..capture import ExampleInputs
     from ..transform import strip_ssia, transform
 
     unknown = set(engines) - set(ENGINES)

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..analysis.graph import count_parameters
-from ..capture.tracing import ExampleInputs
+from ..capture import ExampleInputs
 from ..errors import ExportError, InputError, VerificationError, first_line
 from ..files import atomic_path, check_output_path
 from ..modules.graph_module import unwrap

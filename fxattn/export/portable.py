@@ -34,7 +34,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..analysis.graph import count_parameters
-from ..capture.tracing import ExampleInputs
+from ..capture import ExampleInputs
 from ..config import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
 from ..errors import ConfigError, ExportError, InputError, first_line
 from ..files import atomic_path, check_output_path

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..capture.tracing import ExampleInputs
+from ..capture import ExampleInputs
 from ..errors import VerificationError
 
 

@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..capture.tracing import ExampleInputs
+from ..capture import ExampleInputs
 from ..config import DEFAULT_ATOL, DEFAULT_FLOAT64_FACTOR, DEFAULT_RTOL, Tolerance
 from ..errors import VerificationError, first_line
 from .runtime import ort_feed, ort_session
