@@ -1,6 +1,6 @@
 """Copy the committed results tables into the README's results section.
 
-Usage: ``python benchmarks/update_readme.py``. For each entry of ``SECTIONS`` whose file
+Usage: ``python benchmarks/tools/update_readme.py``. For each entry of ``SECTIONS`` whose file
 exists, the named part of ``benchmarks/results/<file>.md`` (a whole file, or one heading's
 section) is inserted, under its own heading, between the README's ``<!-- results:begin -->``
 and ``<!-- results:end -->`` markers, followed by a link to the full file.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
