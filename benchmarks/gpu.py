@@ -1,6 +1,6 @@
 """The prepared GPU check: lean-model latency in PyTorch and onnxruntime, Inductor, DDP over NCCL.
 
-One short script for the session that is lent a GPU (see the README's results section), so the
+One short script for a machine with a GPU (see docs/deployment.md, "On a GPU"), so the
 device time goes to measuring, not to writing code. Everything runs in one process but DDP,
 which runs in a child process group of one rank per GPU::
 
