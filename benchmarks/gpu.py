@@ -1,6 +1,6 @@
 """The prepared GPU check: lean-model latency in PyTorch and onnxruntime, Inductor, DDP over NCCL.
 
-One short script for the session that is lent a GPU (see the README's results section), so the
+One short script for a machine with a GPU (see docs/deployment.md, "On a GPU"), so the
 device time goes to measuring, not to writing code. Everything runs in one process but DDP,
 which runs in a child process group of one rank per GPU::
 
@@ -8,7 +8,7 @@ which runs in a child process group of one rank per GPU::
     python benchmarks/gpu.py --device cpu --size 64 --runs 3   # the same code, checked here
 
 It measures, for ResNet-50 (random weights, 224x224) as ``original``, fxattn's ``lean`` model
-(DIA, SSIA stripped) and the hand-written DIA-ResNet-50 of ``benchmarks/handwritten_dia.py``
+(DIA, SSIA stripped) and the hand-written DIA-ResNet-50 of ``benchmarks/common/handwritten_dia.py``
 (``hand-dia``, the lean model's weights):
 
 * PyTorch latency at batch 1 and 8, eager and replayed from a CUDA graph, fp32 and bf16
@@ -45,9 +45,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from handwritten_dia import matched_hand_dia  # noqa: E402
-
 import fxattn  # noqa: E402
+from benchmarks.common.handwritten_dia import matched_hand_dia  # noqa: E402
 from fxattn.bench import interleaved_samples  # noqa: E402
 
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _load_handwritten() -> object:
     spec = importlib.util.spec_from_file_location(
-        "handwritten_dia", ROOT / "benchmarks" / "handwritten_dia.py")
+        "handwritten_dia", ROOT / "benchmarks" / "common" / "handwritten_dia.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("handwritten_dia", module)
