@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
+
 from . import dia_lstm as _dia_lstm_module  # noqa: F401  (registers the operators)
 from . import dia_se as _dia_se_module  # noqa: F401
 from . import ssia as _ssia_module  # noqa: F401
@@ -26,10 +28,11 @@ from .dia_lstm import Weights, dia_lstm, dia_pack
 from .dia_se import dia_se
 from .ssia import ssia_map, ssia_pair_loss
 
-try:  # Triton kernels for CUDA tensors, where the torch wheel brought Triton along
-    from . import triton_dia as _triton_dia  # noqa: F401
-except ImportError:  # pragma: no cover - CPU-only torch builds
-    _triton_dia = None
+if torch.cuda.is_available():  # Triton kernels for CUDA tensors (Triton comes with the wheel)
+    try:
+        from . import triton_dia as _triton_dia  # noqa: F401
+    except ImportError:  # pragma: no cover - a CUDA torch without Triton: composite only
+        pass
 
 __all__ = ["OpCounter", "Weights", "decomposed", "dia_lstm", "dia_pack", "dia_se", "fused_enabled",
            "ssia_map", "ssia_pair_loss"]
@@ -43,8 +46,6 @@ def fused_enabled() -> bool:
     False inside :func:`decomposed` and during ONNX export (both exporters): the exported
     graph must keep the standard ops that fxattn's ONNX optimiser recognises.
     """
-    import torch
-
     return _DECOMPOSED_DEPTH[0] == 0 and not torch.onnx.is_in_onnx_export()
 
 

@@ -116,7 +116,8 @@ class TorchBackend:
     def scale(
         self, x: torch.Tensor, channel_dim: int, s: torch.Tensor, out: torch.Tensor
     ) -> torch.Tensor:
-        return torch.mul(x, broadcastable(s.to(x.dtype), x, channel_dim), out=out)
+        # s stays fp32: computed in fp32, rounded once into out's dtype (as the Triton kernel)
+        return torch.mul(x, broadcastable(s, x, channel_dim), out=out)
 
     def reduce_grad(
         self, g: torch.Tensor, x: torch.Tensor, channel_dim: int, dtype: torch.dtype
@@ -131,9 +132,9 @@ class TorchBackend:
         self, g: torch.Tensor, channel_dim: int, s: torch.Tensor, d: torch.Tensor,
         out: torch.Tensor,
     ) -> torch.Tensor:
-        s = broadcastable(s.to(g.dtype), g, channel_dim)
-        d = broadcastable(d.to(g.dtype), g, channel_dim)
-        return torch.addcmul(d, g, s, out=out)
+        s = broadcastable(s, g, channel_dim)
+        d = broadcastable(d, g, channel_dim)
+        return torch.addcmul(d, g, s, out=out)  # in s's dtype (fp32), rounded once
 
 
 TORCH_BACKEND = TorchBackend()

@@ -221,10 +221,10 @@ def dia_lstm_backward(
     w = as_weights(params, x.shape[channel_dim])
     dx, dh, dc, dgate, *dweights = lstm_backward(
         TORCH_BACKEND, grad_out, grad_h, grad_c, x, h, c, w, gate, channel_dim)
-    return dx, dh, dc, dgate, _like_params(dweights, params)
+    return dx, dh, dc, dgate, like_params(dweights, params)
 
 
-def _like_params(dweights: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+def like_params(dweights: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     if len(params) == len(dweights):
         return dweights
     return [torch.cat([g.reshape(-1) for g in dweights])]
