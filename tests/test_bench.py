@@ -253,7 +253,7 @@ def test_compiled_variants_are_timed_at_their_own_batch(tmp_path: Path) -> None:
     at every batch size, timed beside the portable files (both timing protocols), with a cost
     account whose branch-output bytes come from the portable source and whose passes include
     the fused depthwise convolutions."""
-    from fxattn.deploy.ort_cpu import nchwc_block_size
+    from fxattn.deploy import nchwc_block_size
 
     torch.manual_seed(0)
     model = CifarResNet(depth=11, num_classes=10).eval()

@@ -18,7 +18,7 @@ from rich.console import Console
 from ..analysis.graph import count_parameters
 from ..bench.benchmark import interleaved
 from ..capture import ExampleInputs
-from ..deploy.ort_cpu import compile_ort_cpu
+from ..deploy import compile_ort_cpu
 from ..export import export_onnx
 from ..export.runtime import ort_feed, ort_session
 from ..transform import ssia_loss, strip_ssia, transform
