@@ -163,7 +163,7 @@ def _float64_reference(module: Any, portable: str | Path, feed: dict[str, np.nda
     after checking that the portable file computes what ``module`` computes."""
     import torch
 
-    from ..capture.tracing import ExampleInputs
+    from ..capture import ExampleInputs
     from ..export.verify import float64_call, float64_outputs, tensor_outputs
 
     inputs = ExampleInputs(tuple(torch.from_numpy(array) for array in feed.values()))
