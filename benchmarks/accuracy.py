@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from resnet20 import ResNet20  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
 
 import fxattn  # noqa: E402
+from benchmarks.common.resnet20 import ResNet20  # noqa: E402
 from fxattn.analysis.graph import count_parameters  # noqa: E402
 from fxattn.bench import interleaved  # noqa: E402
 from fxattn.capture import ExampleInputs  # noqa: E402

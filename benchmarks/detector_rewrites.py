@@ -35,8 +35,9 @@ from fxattn.export.runtime import ort_session
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # benchmarks.common
 
-from results_io import command_line, write_results  # noqa: E402
+from benchmarks.common.results_io import command_line, write_results  # noqa: E402
 
 #: detector -> keyword arguments of its builder (image size: what its transform resizes to)
 MODELS = {

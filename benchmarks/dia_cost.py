@@ -10,7 +10,7 @@ For each model, one process and one interleaving per batch size (onnxruntime CPU
 ``allow_spinning=0``): the original, ``lean`` (fxattn's lean DIA model with the exact rewrites of
 ``fxattn.export.optimize``, export_onnx's default), ``lean-noopt`` (the same model exported
 without them), low-precision DIA weights on top of the rewrites (``lean-int8``, ``lean-int4``)
-and, for ResNet-50, the hand-written DIA-ResNet-50 of ``benchmarks/handwritten_dia.py``
+and, for ResNet-50, the hand-written DIA-ResNet-50 of ``benchmarks/common/handwritten_dia.py``
 (``hand-dia``, weights copied from the lean model, outputs checked equal) and the SSIA-only lean
 model (``ssia-lean``). The load average is recorded before and after each model's timing; on a
 shared machine only the ratios measured side by side mean something.
@@ -33,8 +33,9 @@ from fxattn.bench.cost import CostAccount
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # benchmarks.common
 
-from handwritten_dia import matched_hand_dia  # noqa: E402
+from benchmarks.common.handwritten_dia import matched_hand_dia  # noqa: E402
 
 LOWP_MODES = ("int8", "int4")
 MODELS = ("resnet50", "mobilenet_v2", "vit_small_patch16_224")

@@ -44,10 +44,12 @@ from fxattn.export.lowp import quantize_dia_nbits
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # benchmarks.common
 
 from dia_lowp import BASELINE, BOOTSTRAP, add_block_arguments, statistics  # noqa: E402
 from dia_vs_handwritten import time_blocks  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+
+from benchmarks.common.results_io import command_line, write_results  # noqa: E402
 
 WHAT = {
     "original-ort-cpu": "ResNet-50, compiled",

@@ -46,9 +46,11 @@ from fxattn.export.lowp import DEFAULT_BLOCK_SIZE, apply_dia_weights
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # benchmarks.common
 
 from dia_vs_handwritten import BOOTSTRAP, resampled, time_blocks  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+
+from benchmarks.common.results_io import command_line, write_results  # noqa: E402
 
 TARGET = 0.12
 BASELINE = "original-ort-cpu"

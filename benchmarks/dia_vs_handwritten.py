@@ -11,7 +11,7 @@ measures it so that it can:
   (``VARIANTS``: ``lean`` with the default exact rewrites of ``fxattn.export.optimize``, and
   ``lean-scale``, ``lean-fuse``, ``lean-noopt`` with one opt-in rewrite on, two on, and none,
   so each one's distance from ``lean`` is what those switches give) and ``hand-dia``
-  (``benchmarks/handwritten_dia.py``, weights copied from the lean model, outputs checked
+  (``benchmarks/common/handwritten_dia.py``, weights copied from the lean model, outputs checked
   equal);
 * ``--blocks`` blocks per batch size; each block opens a fresh session for every file (in a
   shuffled order) and runs ``--rounds`` rounds, each running every session once in a freshly
@@ -56,9 +56,10 @@ from fxattn.export.runtime import ort_session
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # benchmarks.common
 
-from handwritten_dia import matched_hand_dia  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+from benchmarks.common.handwritten_dia import matched_hand_dia  # noqa: E402
+from benchmarks.common.results_io import command_line, write_results  # noqa: E402
 
 TARGET_SHARE = 0.85
 BOOTSTRAP = 5000

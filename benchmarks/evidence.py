@@ -2,7 +2,7 @@
 
 The older ``benchmarks/accuracy.py`` (ResNet-20 on 8x8 digits) saturates at ~99%: no headroom,
 no signal. This benchmark tests the papers' claims on two tasks a small CNN does *not* solve
-(``benchmarks/evidence_tasks.py``): cluttered digits (2-D) and MNIST-1D (1-D, ``(B, C, L)``).
+(``benchmarks/common/evidence_tasks.py``): cluttered digits (2-D) and MNIST-1D (1-D, ``(B, C, L)``).
 
 Arms (per task, same data, recipe, seeds and base-network initialisation per seed; only the
 attention differs):
@@ -63,12 +63,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
 
 from accuracy import ARMS as FXATTN_ARMS  # noqa: E402
 from accuracy import accuracy, fit  # noqa: E402
-from evidence_tasks import TASKS, Split, Task  # noqa: E402
 
 import fxattn  # noqa: E402
+from benchmarks.common.evidence_tasks import TASKS, Split, Task  # noqa: E402
 from fxattn.analysis.graph import count_parameters  # noqa: E402
 from fxattn.bench import interleaved  # noqa: E402
 from fxattn.capture import ExampleInputs  # noqa: E402
@@ -108,7 +109,8 @@ def recipe_fingerprint() -> str:
     changed training loop (cached sweeps of an older loop once survived a rerun that way).
     """
     import accuracy as accuracy_module
-    import evidence_tasks
+
+    from benchmarks.common import evidence_tasks
 
     parts = [inspect.getsource(evidence_tasks), inspect.getsource(accuracy_module.fit),
              inspect.getsource(accuracy_module.accuracy), inspect.getsource(build),

@@ -8,8 +8,8 @@ code; it needs nothing beyond the GPU machine's image (torch, torchvision, onnxr
     python benchmarks/gpu.py --quick --out /tmp/gpu-smoke       # the same code, smoke-run on CPU
 
 It measures torchvision ResNet-50 (random weights, 224x224) as ``original``, fxattn's ``lean``
-model (DIA, SSIA stripped), ``hand-dia`` (``benchmarks/handwritten_dia.py`` with the lean
-model's weights) and ``se-per-block`` (``DIA(module="se", share="none")``), plus
+model (DIA, SSIA stripped), ``hand-dia`` (``benchmarks/common/handwritten_dia.py`` with the
+lean model's weights) and ``se-per-block`` (``DIA(module="se", share="none")``), plus
 ``lean-decomposed`` where ``fxattn.DIA`` has a ``fused`` switch:
 
 * inference latency at batch 1, 8 and 64, fp32 and bf16 autocast, PyTorch eager and replayed
@@ -44,13 +44,11 @@ import torch
 import torchvision
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from handwritten_dia import matched_hand_dia  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
-
 import fxattn  # noqa: E402
+from benchmarks.common.handwritten_dia import matched_hand_dia  # noqa: E402
+from benchmarks.common.results_io import command_line, write_results  # noqa: E402
 from fxattn.bench import BenchmarkResult  # noqa: E402
 
 FULL = {"model": "resnet50", "size": 224, "batches": [1, 8, 64], "precisions": ["fp32", "bf16"],

@@ -9,7 +9,7 @@ of the benchmark issue::
 One process, one interleaving per engine and batch size: the original torchvision ResNet-50,
 the lean model of ``transform(dia=True, ssia=True)`` (``lean``), the lean model of
 ``transform(dia=False, ssia=True)`` (``ssia-lean``), the hand-written DIA-ResNet-50 of
-``benchmarks/handwritten_dia.py`` (``hand-dia``, same math, its weights copied from an fxattn
+``benchmarks/common/handwritten_dia.py`` (``hand-dia``, same math, its weights copied from an fxattn
 lean model and checked equal before timing), and the low-precision / folded exports of the lean
 model (onnxruntime only). Random weights; onnxruntime CPU with ``allow_spinning=0``.
 """
@@ -29,8 +29,9 @@ import fxattn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # benchmarks.common
 
-from handwritten_dia import matched_hand_dia  # noqa: E402
+from benchmarks.common.handwritten_dia import matched_hand_dia  # noqa: E402
 
 LOWP_MODES = ("fp16", "int8", "int4", "fp32+fold", "int4+fold")
 
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     text += (
         f"\nLoad average (1, 5, 15 min) before timing: {tuple(round(v, 2) for v in load_before)}, "
         f"after: {tuple(round(v, 2) for v in load_after)} (2 cores shared with other jobs).\n"
-        f"hand-dia: `benchmarks/handwritten_dia.py`, weights copied from an fxattn lean model; "
+        "hand-dia: `benchmarks/common/handwritten_dia.py`, weights copied from an fxattn lean "
+        "model; "
         f"max abs difference of the two in PyTorch before timing: {gap:.1e}.\n"
     )
     text += "\n".join(verdicts(result, batches)) + "\n"

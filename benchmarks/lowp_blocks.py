@@ -4,7 +4,7 @@
 but those are narrow (widths 8, 16, 32): DIA's matrices have at most 32 columns, so one
 quantisation block of 32 already spans a whole row and blocks of 64 or 128 quantise the *same*
 numbers. Here the MNIST-1D task of that benchmark (same data, same recipe and learning rate,
-``benchmarks/evidence_tasks.py``) is trained with networks four and eight times wider
+``benchmarks/common/evidence_tasks.py``) is trained with networks four and eight times wider
 (widths 32, 64, 128 and 64, 128, 256: DIA's first layers have up to 128 and 256 columns, its
 second layers up to 32 and 64), so blocks of 32, 64 and 128 rows quantise differently. Each
 seed's lean model is exported once in fp32 (verified against PyTorch) and copied with DIA's
@@ -37,13 +37,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
 
 from accuracy import accuracy, fit  # noqa: E402
 from evidence import _onnx_eval, build, paired, task_data  # noqa: E402
-from evidence_tasks import TASKS  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
 
 import fxattn  # noqa: E402
+from benchmarks.common.evidence_tasks import TASKS  # noqa: E402
+from benchmarks.common.results_io import command_line, write_results  # noqa: E402
 from fxattn.export.lowp import apply_dia_weights  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -109,7 +110,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# int4 block size: accuracy effect on trained DIA models whose rows span several blocks",
-        "", f"Command: `{results['command']}`. MNIST-1D (`benchmarks/evidence_tasks.py`, the "
+        "", f"Command: `{results['command']}`. MNIST-1D "
+        "(`benchmarks/common/evidence_tasks.py`, the "
         f"evidence benchmark's data and recipe: {results['epochs']} epochs, lr {LR}), its 1-D "
         "residual CNN made wider (the evidence benchmark's is 8, 16, 32; DIA on every residual "
         "block, r = 4), one model per seed; test set scored in onnxruntime; each low-precision "

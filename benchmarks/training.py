@@ -38,8 +38,9 @@ from fxattn.bench import machine_info, peak_step_memory, train_step_benchmark
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # benchmarks.common
 
-from handwritten_dia import hand_dia_resnet  # noqa: E402
+from benchmarks.common.handwritten_dia import hand_dia_resnet  # noqa: E402
 
 CONFIGS = ("baseline", "dia", "dia+ssia", "hand-dia")
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]

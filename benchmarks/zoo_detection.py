@@ -63,7 +63,7 @@ def run_detection_pipeline(model_id: str, first_line: Callable[[BaseException], 
 
     import fxattn
     from fxattn.errors import AnalysisError, ConfigError, InputError, VerificationError
-    from fxattn.export.detector import _check_parts, export_detector, verify_detections
+    from fxattn.export.detector import check_parts, export_detector, verify_detections
 
     torch.set_num_threads(1)
     family, name = model_id.split(":", 1)
@@ -137,7 +137,7 @@ def run_detection_pipeline(model_id: str, first_line: Callable[[BaseException], 
             # parts elementwise on their own too (export_detector does the same)
             record["part_margins"] = {
                 part: check.verification.margin
-                for part, check in _check_parts(lean).items() if check.verification}
+                for part, check in check_parts(lean).items() if check.verification}
         record["status"] = "ok"
         stage = "done"
     except Exception as exc:  # noqa: BLE001 - the record names the stage and the reason
@@ -167,11 +167,11 @@ def _original_exports(model: Any, images: list[Any]) -> bool:
 
 def _parts_export(lean: Any) -> str:
     """The transformed parts exported and verified on their own (the fallback)."""
-    from fxattn.export.detector import _export_parts
+    from fxattn.export.detector import export_parts
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            report = _export_parts(lean, Path(tmp) / "m.onnx", True, [])
+            report = export_parts(lean, Path(tmp) / "m.onnx", True, [])
         return "; ".join(f"{p}: verified, max abs error {r.max_abs_error:.1e}"
                          for p, r in report.parts.items())
     except Exception as exc:  # noqa: BLE001

@@ -52,6 +52,10 @@ class DIA:
         include / exclude: regexes on a site's module path (``layer1.0``); a site is kept if it
             matches any ``include`` (when given) and no ``exclude``. When the model has no
             residual sites, they select among the stage outputs instead.
+        fused: run each site as one fused operator (``torch.ops.fxattn.dia_lstm`` /
+            ``dia_se``: one op forward, one backward; Triton kernels on CUDA) - the default.
+            ``False`` keeps the decomposed PyTorch graph (debugging, reference). Same
+            parameters and math either way; ONNX export always writes the decomposed graph.
     """
 
     module: DIAModuleKind = "lstm"
@@ -59,8 +63,11 @@ class DIA:
     share: ShareMode = "stage"
     include: tuple[str, ...] = field(default_factory=tuple)
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    fused: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fused, bool):
+            raise ConfigError(f"DIA fused must be True or False, got {self.fused!r}")
         _check_choice("DIA module", self.module, DIA_MODULE_KINDS)
         _check_choice("DIA share", self.share, SHARE_MODES)
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, int):

@@ -31,8 +31,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import ops
 from .analysis import Plan, Site
-from .capture.tracing import ExampleInputs
+from .capture import ExampleInputs
 from .errors import AnalysisError, NotTransformedError
 from .modules.dia import DIALSTMCell, SharedSE
 from .modules.graph_module import AttentionGraphModule, unwrap
@@ -190,7 +191,8 @@ def capture_attention(net: nn.Module, inputs: Any) -> dict[int, np.ndarray]:
     was_training = module.training
     try:
         module.eval()
-        example.call(module)
+        with ops.decomposed():  # the hooks sit on the decomposed path's submodules
+            example.call(module)
     finally:
         for handle in handles:
             handle.remove()

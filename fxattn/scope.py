@@ -33,7 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .analysis import Plan
-from .capture.tracing import TRACE_LOCK, ExampleInputs
+from .capture import TRACE_LOCK, ExampleInputs
 from .errors import ConfigError, InputError, TraceError
 from .names import SCOPE_ATTR
 

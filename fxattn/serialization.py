@@ -202,7 +202,7 @@ def save(
             when the loop draws random numbers: dropout, augmentation, shuffling).
         overwrite: replace an existing file.
     """
-    from .capture.tracing import ExampleInputs
+    from .capture import ExampleInputs
 
     module = unwrap(net)
     info: Any = scope_info(module)
@@ -256,14 +256,14 @@ def _plain_example(inputs: Any) -> Any:
     (zeros on load, as for plain tensors); everything else - a detector's target dicts (boxes
     must stay valid), timesteps, flags - is kept by value.
     """
-    from .capture.tracing import _is_sample_list
+    from .capture import is_sample_list
 
     def encode(value: Any, data: bool) -> Any:
         if isinstance(value, torch.Tensor):
             if data and value.dim() >= 1:
                 return {_SPEC: list(value.shape), "dtype": str(value.dtype)}
             return value.detach().cpu().clone()
-        if _is_sample_list(value):
+        if is_sample_list(value):
             return [encode(v, True) if isinstance(v, torch.Tensor) else encode(v, False)
                     for v in value]
         if isinstance(value, Mapping):
@@ -292,7 +292,7 @@ def _example_from_plain(plain: Mapping[str, Any]) -> Any:
             return type(value)(decode(v) for v in value)
         return value
 
-    from .capture.tracing import ExampleInputs
+    from .capture import ExampleInputs
 
     return ExampleInputs(tuple(decode(a) for a in plain["args"]),
                          {k: decode(v) for k, v in plain["kwargs"].items()})

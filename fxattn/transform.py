@@ -18,7 +18,7 @@ from torch import nn
 from .analysis import Plan, analyze
 from .analysis.graph import count_parameters
 from .analysis.groups import assign_groups
-from .capture.tracing import (
+from .capture import (
     ExampleInputs,
     TraceOptions,
     check_model_inputs,
@@ -235,7 +235,7 @@ def transform(
         dia: ``True`` (defaults), ``False``, or :class:`fxattn.DIA` options.
         ssia: ``True`` (defaults), ``False``, or :class:`fxattn.SSIA` options.
         leaf_modules / autowrap_functions / concrete_args: tracing help, see
-            :class:`fxattn.tracing.TraceOptions`.
+            :class:`fxattn.capture.TraceOptions`.
         scope: ``"auto"`` transforms the whole model when it can be captured, else the
             largest capturable submodules that hold residual sites (a detector's backbone +
             FPN); a module path (``"backbone"``) or a list of paths transforms just those
@@ -292,7 +292,8 @@ def _build(
         dia_modules = nn.Module()
         for spec in plan.dia_modules:
             module = build_dia_module(dia_cfg.module, spec.channels, dia_cfg.reduction,
-                                      spec.channel_dim)
+                                      spec.channel_dim, fused=dia_cfg.fused)
+            module.pack_params = len(spec.sites) > 1
             dia_modules.add_module(spec.name, module.to(device=device, dtype=dtype))
         root.add_module(DIA_ROOT, dia_modules)
     if ssia_cfg is not None:

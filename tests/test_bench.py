@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _load_handwritten() -> object:
     spec = importlib.util.spec_from_file_location(
-        "handwritten_dia", ROOT / "benchmarks" / "handwritten_dia.py")
+        "handwritten_dia", ROOT / "benchmarks" / "common" / "handwritten_dia.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("handwritten_dia", module)
@@ -254,7 +254,7 @@ def test_compiled_variants_are_timed_at_their_own_batch(tmp_path: Path) -> None:
     at every batch size, timed beside the portable files (both timing protocols), with a cost
     account whose branch-output bytes come from the portable source and whose passes include
     the fused depthwise convolutions."""
-    from fxattn.deploy.ort_cpu import nchwc_block_size
+    from fxattn.deploy import nchwc_block_size
 
     torch.manual_seed(0)
     model = CifarResNet(depth=11, num_classes=10).eval()

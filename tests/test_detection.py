@@ -263,7 +263,7 @@ class _DtypeDetector(nn.Module):
 
 
 def test_float64_rule_forgives_rounding_flips_not_mismatches() -> None:
-    from fxattn.export.detector import _float64_detections
+    from fxattn.export.detector import float64_detections
 
     module, images = _DtypeDetector(), [torch.rand(3, 8, 8)]
     expected = module(images)
@@ -275,7 +275,7 @@ def test_float64_rule_forgives_rounding_flips_not_mismatches() -> None:
         if report.ok:  # onnxruntime agrees with PyTorch's float32: nothing to judge
             assert actual is expected
             continue
-        _float64_detections(module, [(images, expected, actual, "")], rule, report)
+        float64_detections(module, [(images, expected, actual, "")], rule, report)
         # PyTorch's own float32 has 2 problems against float64 (detection 1 and its twin)
         assert report.float64_own_problems == 2
         assert report.ok is passes, report.problems

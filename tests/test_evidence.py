@@ -20,10 +20,12 @@ import torch
 from sklearn.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
 
 import evidence  # noqa: E402
-import evidence_tasks  # noqa: E402
-from evidence_tasks import ClutterRecipe, cluttered_digits, mnist1d  # noqa: E402
+
+from benchmarks.common import evidence_tasks  # noqa: E402
+from benchmarks.common.evidence_tasks import ClutterRecipe, cluttered_digits, mnist1d  # noqa: E402
 
 SMALL = ClutterRecipe(train_copies=1, eval_copies=1)
 FREQUENCY = torch.bincount(torch.from_numpy(load_digits().target)) / 1797

@@ -69,9 +69,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 target = node.module
             else:
                 continue
-            names = [f"{target}.{alias.name}" for alias in node.names]
-            found.update(n for n in names if n in modules)
-            found.add(target)
+            for alias in node.names:  # ``from .. import ops`` imports fxattn.ops, not fxattn
+                submodule = f"{target}.{alias.name}"
+                found.add(submodule if submodule in modules else target)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("fxattn"))
     return {module for module in found if module in modules and module != name}

@@ -21,15 +21,11 @@ from models import CifarResNet, TokenResidual
 import fxattn
 from fxattn.errors import ExportError
 from fxattn.export import export_onnx
-from fxattn.export.lowp import (
-    LOWP_ATOL,
-    apply_dia_weights,
-    dia_matrix_names,
-    fold_initial_state,
-    gemm_to_matmul,
-)
+from fxattn.export.dia_scope import dia_matrix_names
+from fxattn.export.lowp import LOWP_ATOL, apply_dia_weights, gemm_to_matmul
 from fxattn.export.optimize import OnnxOptimize
 from fxattn.export.runtime import ort_session
+from fxattn.export.state_fold import fold_initial_state
 
 GROUPS = 3  # three stages of 64, 128, 256 channels
 SITES = 6  # two blocks per stage

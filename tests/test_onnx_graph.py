@@ -13,7 +13,6 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from fxattn.export.lowp import fold_initial_state
 from fxattn.export.onnx_graph import (
     graph_reads,
     has_control_flow,
@@ -21,6 +20,7 @@ from fxattn.export.onnx_graph import (
     readers,
     remove_dead_nodes,
 )
+from fxattn.export.state_fold import fold_initial_state
 
 
 def branch_model() -> onnx.ModelProto:

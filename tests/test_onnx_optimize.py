@@ -22,15 +22,9 @@ from models import CifarResNet, TokenResidual, cifar_dia_lean
 import fxattn
 from fxattn.errors import ConfigError
 from fxattn.export import export_onnx
+from fxattn.export.dia_scope import in_dia, mark_dia_scopes
 from fxattn.export.lowp import LOWP_ATOL, LOWP_RTOL, apply_dia_weights
-from fxattn.export.optimize import (
-    REQUIRES,
-    OnnxOptimize,
-    in_dia,
-    mark_dia_scopes,
-    optimize_onnx_file,
-    resolve_optimize,
-)
+from fxattn.export.optimize import REQUIRES, OnnxOptimize, optimize_onnx_file, resolve_optimize
 from fxattn.export.runtime import ort_session
 
 SITES = 6  # two blocks in each of three stages

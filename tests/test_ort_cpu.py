@@ -22,7 +22,7 @@ from models import CifarResNet, SplitResidual, cifar_dia_lean
 
 import fxattn
 from fxattn.cli import main
-from fxattn.deploy.ort_cpu import METADATA_KEY, NCHWC, _fix_batch, _ort_optimize, nchwc_block_size
+from fxattn.deploy import METADATA_KEY, NCHWC, fix_batch, nchwc_block_size, ort_optimize
 from fxattn.errors import ConfigError, ExportError, VerificationError
 from fxattn.export.runtime import ort_session
 
@@ -55,10 +55,10 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
 def _onnxruntime_graph(source: Path, batch: int, folder: Path) -> onnx.ModelProto:
     """onnxruntime's own optimised graph of ``source`` at a fixed batch (no fxattn rewrite)."""
     model = onnx.load(str(source))
-    _fix_batch(model, batch)
+    fix_batch(model, batch)
     static, optimized = folder / "static.onnx", folder / "ort.onnx"
     onnx.save(model, str(static))
-    _ort_optimize(static, optimized)
+    ort_optimize(static, optimized)
     return onnx.load(str(optimized))
 
 
@@ -94,7 +94,7 @@ def test_torchscript_exports_get_the_same_rewrites_and_compile(lean: torch.nn.Mo
     it writes few shapes; the export records DIA's scopes, the shapes are inferred, and the
     file gets the same exact rewrites and compiles with every multiply fused, as a dynamo
     export does."""
-    from fxattn.export.optimize import SCOPE_KEY, in_dia
+    from fxattn.export.dia_scope import SCOPE_KEY, in_dia
 
     x = torch.randn(2, 3, 32, 32)
     path = tmp_path / "ts.onnx"
@@ -268,9 +268,9 @@ def test_a_compiled_model_that_fails_to_run_is_a_verification_error(
 ) -> None:
     """onnxruntime refusing to run the compiled graph is fxattn's VerificationError, one line,
     and nothing is written."""
-    from fxattn import ort_cpu
+    from fxattn.deploy import verify
 
-    real = ort_cpu.ort_session
+    real = verify.ort_session
 
     class Failing:
         def __init__(self, session: object) -> None:
@@ -279,7 +279,7 @@ def test_a_compiled_model_that_fails_to_run_is_a_verification_error(
         def run(self, *args: object) -> object:
             raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : ReorderInput\nsecond line")
 
-    monkeypatch.setattr(ort_cpu, "ort_session", lambda path, **kw: real(path, **kw)
+    monkeypatch.setattr(verify, "ort_session", lambda path, **kw: real(path, **kw)
                         if Path(path) == lean_onnx else Failing(real(path, **kw)))
     with pytest.raises(VerificationError, match="fails to run in onnxruntime .*ReorderInput\\)"):
         fxattn.compile_ort_cpu(lean_onnx, tmp_path / "out.onnx", batch_size=1)
@@ -321,10 +321,10 @@ def test_bad_input_is_refused_and_nothing_is_written(lean_onnx: Path, tmp_path: 
     with pytest.raises(ConfigError, match="fixed batch of 2, not 4"):
         fxattn.compile_ort_cpu(fixed, out, batch_size=4)
 
-    def differs(*args: object) -> float:
+    def differs(*args: object, **kwargs: object) -> float:
         raise VerificationError("the compiled model differs from the portable one")
 
-    monkeypatch.setattr("fxattn.deploy.ort_cpu._verify", differs)
+    monkeypatch.setattr("fxattn.deploy.compile.verify_compiled", differs)
     with pytest.raises(VerificationError):
         fxattn.compile_ort_cpu(lean_onnx, out, batch_size=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(

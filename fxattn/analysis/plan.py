@@ -35,7 +35,7 @@ class Plan:
     ssia_parameters: int = 0
     notes: list[str] = field(default_factory=list)
     # set when torch.export could only capture the model at this batch size (see
-    # fxattn.tracing.DualGraphs.fixed_batch): the transformed model and its export take it only
+    # fxattn.capture.DualGraphs.fixed_batch): the transformed model and its export take it only
     fixed_batch: int | None = None
 
     @property

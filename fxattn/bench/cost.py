@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from ..deploy.ort_cpu import NODE_PREFIX, SCALED_CONV
+from ..deploy import NODE_PREFIX, SCALED_CONV
 
 #: onnxruntime ops that make a pass over an activation without computing a convolution or matmul
 PASS_OPS = frozenset({

@@ -99,7 +99,7 @@ def autocast(device: torch.device, precision: str, cache: bool = True) -> Any:
 
 
 def to_device(inputs: Any, device: torch.device) -> Any:
-    """An :class:`~fxattn.capture.tracing.ExampleInputs` with every tensor on ``device``."""
+    """An :class:`~fxattn.capture.ExampleInputs` with every tensor on ``device``."""
     move = (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)  # noqa: E731
     return type(inputs)(tree_map(move, inputs.args), tree_map(move, inputs.kwargs))
 

@@ -126,7 +126,7 @@ def compile_variants(onnx_files: dict[str, Path], models: dict[str, ModelEntry],
                      ) -> tuple[dict[int, dict[str, Path]], dict[str, Path]]:
     """The original, ``lean`` and its low-precision variants compiled for onnxruntime's CPU at
     each batch: batch -> name -> file, and each compiled name's portable source."""
-    from ..deploy.ort_cpu import compile_ort_cpu
+    from ..deploy import compile_ort_cpu
 
     batch_files: dict[int, dict[str, Path]] = {}
     sources: dict[str, Path] = {}

@@ -94,7 +94,7 @@ def step_ops(module: nn.Module, example_inputs: Any,
     Runs on a deep copy, so the caller's module keeps its mode, statistics and gradients.
     ``loss_fn(module, output)`` makes the scalar the backward starts from.
     """
-    from ..capture.tracing import ExampleInputs
+    from ..capture import ExampleInputs
 
     inputs = ExampleInputs.from_user(example_inputs)
     work = copy.deepcopy(module)

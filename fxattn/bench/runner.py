@@ -122,7 +122,7 @@ def benchmark(
     where :class:`~fxattn.DIA` has a ``fused`` field, ``lean-decomposed``
     (``DIA(fused=False)``, PyTorch only: its ONNX file is ``lean``'s).
     """
-    from ..capture.tracing import ExampleInputs
+    from ..capture import ExampleInputs
 
     where = resolve_device(device)
     mode_list, precision_list = modes_for(where, modes), precisions_for(where, precisions)

@@ -2,18 +2,20 @@
 
 The first step of the pipeline. What it takes (example inputs, tracing options) and what it
 gives (graphs with shapes recorded on their nodes) are all the later steps see of the model.
+
+- :mod:`.inputs` - :class:`ExampleInputs` (one real batch, normalised) and
+  :func:`check_model_inputs` (model / input mismatches refused before tracing);
+- :mod:`.tracer` - :class:`TraceOptions`, :class:`FxAttnTracer` with the timm / torchvision
+  registries, symbolic tracing and its failure messages, :data:`TRACE_LOCK`;
+- :mod:`.dual` - :func:`trace_dual` (training and evaluation graphs, ``torch.fx`` first and
+  ``torch.export`` as the fallback) and :class:`DualGraphs`;
+- :mod:`.shapes` - :func:`propagate_shapes` (``tensor_meta`` on every node).
 """
 
-from .tracing import (
-    TRACE_LOCK,
-    DualGraphs,
-    ExampleInputs,
-    FxAttnTracer,
-    TraceOptions,
-    check_model_inputs,
-    propagate_shapes,
-    trace_dual,
-)
+from .dual import DualGraphs, export_dual, trace_dual
+from .inputs import ExampleInputs, check_model_inputs, is_sample_list
+from .shapes import propagate_shapes
+from .tracer import TRACE_LOCK, FxAttnTracer, TraceOptions
 
 __all__ = [
     "TRACE_LOCK",
@@ -22,6 +24,8 @@ __all__ = [
     "FxAttnTracer",
     "TraceOptions",
     "check_model_inputs",
+    "export_dual",
+    "is_sample_list",
     "propagate_shapes",
     "trace_dual",
 ]

@@ -17,8 +17,8 @@ from rich.console import Console
 
 from ..analysis.graph import count_parameters
 from ..bench.protocol import interleaved
-from ..capture.tracing import ExampleInputs
-from ..deploy.ort_cpu import compile_ort_cpu
+from ..capture import ExampleInputs
+from ..deploy import compile_ort_cpu
 from ..export import export_onnx
 from ..export.runtime import ort_feed, ort_session
 from ..transform import ssia_loss, strip_ssia, transform

@@ -241,16 +241,31 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """``fxattn compile``: a lean ONNX file compiled for onnxruntime's CPU provider."""
-    from ..deploy.ort_cpu import compile_ort_cpu
+    from ..deploy import compile_ort_cpu
 
+    module = _reference_module(args.reference) if args.reference and not args.no_verify \
+        else None
     report = compile_ort_cpu(args.model, args.output, args.batch,
                              fold_weights=args.fold_weights, drop_copies=args.drop_copies,
-                             verify=not args.no_verify,
-                             overwrite=args.force)
+                             verify=not args.no_verify, overwrite=args.force, module=module)
     print(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
     return 0
+
+
+def _reference_module(path: str) -> Any:
+    """The lean module of a file saved by fxattn (``fxattn transform``, ``fxattn.save``): the
+    float64 reference of ``fxattn compile --reference``."""
+    from ..errors import CheckpointError
+    from ..serialization import load, read
+    from ..transform import strip_ssia
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"--reference {path}: no such file; give the .fxattn file the "
+                              "ONNX model was exported from (fxattn transform --strip)")
+    module = load(path)
+    return strip_ssia(module) if read(path)["kind"] == "transformed" else module.eval()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -361,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-copies", action=argparse.BooleanOptionalAction, default=True,
                    help="drop onnxruntime's layout copies of DIA's small vectors (bit-exact; "
                         "default: yes)")
+    p.add_argument("--reference", metavar="FILE.fxattn",
+                   help="the model the ONNX file was exported from (a file saved by `fxattn "
+                        "transform`): where the compiled and portable files differ beyond "
+                        "atol + rtol*|ref|, both are compared with it run in float64 (without "
+                        "it: with the portable file's own rounding spread)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the check against the portable model in onnxruntime")
     p.add_argument("--json", help="also write the report as JSON to this file")

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..analysis.graph import count_parameters
-from ..capture.tracing import ExampleInputs
+from ..capture import ExampleInputs
 from ..errors import ExportError, InputError, VerificationError, first_line
 from ..files import atomic_path, check_output_path
 from ..modules.graph_module import unwrap
@@ -189,7 +189,7 @@ def verify_detections(
 ) -> MatchReport:
     """PyTorch vs onnxruntime detections on fresh random images of each size set.
 
-    When they disagree, the float64 rule (:func:`_float64_detections`) decides whether the
+    When they disagree, the float64 rule (:func:`float64_detections`) decides whether the
     disagreement is rounding on an ill-conditioned input (``float64_check=False`` skips it).
     """
     try:
@@ -217,7 +217,7 @@ def verify_detections(
         runs.append((images, expected, actual, where))
         report.merge(match_detections(expected, actual, rule, where))
     if not report.ok and float64_check:
-        _float64_detections(module, runs, rule, report)
+        float64_detections(module, runs, rule, report)
     if not report.ok:
         shown = "; ".join(report.problems[:3])
         text = (f"onnxruntime and PyTorch detections disagree ({len(report.problems)} "
@@ -232,9 +232,11 @@ def verify_detections(
     return report
 
 
-def _float64_detections(module: nn.Module, runs: list[tuple[Any, Any, Any, str]],
-                        rule: MatchRule, report: MatchReport) -> None:
-    """The float64 rule for detections (the analogue of :mod:`fxattn.verify`'s).
+def float64_detections(module: nn.Module, runs: list[tuple[Any, Any, Any, str]],
+                       rule: MatchRule, report: MatchReport) -> None:
+    """The float64 rule for detections (the analogue of :mod:`fxattn.export.agreement`'s,
+    counted in matching problems instead of elementwise ratios); ``runs`` are
+    ``(images, pytorch detections, onnxruntime detections, where)``, ``report`` is updated.
 
     A random-weight detector scores thousands of anchors alike: a rounding difference moves a
     proposal across the top-k cut or flips an NMS decision, and the boxes after it differ - in
@@ -244,13 +246,13 @@ def _float64_detections(module: nn.Module, runs: list[tuple[Any, Any, Any, str]]
     float64 detections than PyTorch's float32 has. A genuine mismatch (a wrong weight moves
     every box) has far more.
     """
-    from .verify import _Float64Everywhere, float64_call
+    from .verify import Float64Everywhere, float64_call
 
     try:
         double = float64_call(module)
         own, theirs = MatchReport(), MatchReport()
         for images, expected, actual, where in runs:
-            with torch.no_grad(), _Float64Everywhere():
+            with torch.no_grad(), Float64Everywhere():
                 reference = double([i.double() for i in images])
             own.merge(match_detections(reference, expected, rule, where))
             theirs.merge(match_detections(reference, actual, rule, where))
@@ -370,14 +372,14 @@ def export_detector(
                                  f"{dia_weights}'s tolerance")
             proto = onnx.load(str(tmp))
             file_bytes = onnx_file_bytes(tmp)
-        part_checks = _check_parts(module, dia_weights, optimize) \
+        part_checks = check_parts(module, dia_weights, optimize) \
             if verify and info is not None else {}
     except VerificationError:
         raise  # exported, but wrong: never hidden behind the parts' export
     except ExportError as whole:
         if not (parts_fallback and info is not None):
             raise
-        return _export_parts(module, target, overwrite, [str(whole)], dia_weights, optimize)
+        return export_parts(module, target, overwrite, [str(whole)], dia_weights, optimize)
     return DetectionExportReport(
         path=str(target), exporter=used,
         opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0),
@@ -387,20 +389,25 @@ def export_detector(
     )
 
 
-def _check_parts(lean: nn.Module, dia_weights: str | None = None,
-                 optimize: bool | OnnxOptimize | None = True) -> dict[str, ExportReport]:
-    """Each transformed part exported alone (into a temporary folder) and verified."""
+def check_parts(lean: nn.Module, dia_weights: str | None = None,
+                optimize: bool | OnnxOptimize | None = True) -> dict[str, ExportReport]:
+    """Each transformed part of the scoped lean detector ``lean`` exported alone (into a
+    temporary folder, removed after) and verified by :func:`fxattn.export.verify.verify_onnx`'s
+    rule; the export reports by part path. Raises :class:`~fxattn.VerificationError` for a part
+    that does not verify."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        report = _export_parts(lean, Path(folder) / "part.onnx", True, [], dia_weights, optimize)
+        report = export_parts(lean, Path(folder) / "part.onnx", True, [], dia_weights, optimize)
     return report.parts
 
 
-def _export_parts(lean: nn.Module, target: Path, overwrite: bool, notes: list[str],
-                  dia_weights: str | None,
-                  optimize: bool | OnnxOptimize | None) -> DetectionExportReport:
-    """Each transformed part of a scoped lean detector, exported and verified on its own."""
+def export_parts(lean: nn.Module, target: Path, overwrite: bool, notes: list[str],
+                 dia_weights: str | None = None,
+                 optimize: bool | OnnxOptimize | None = True) -> DetectionExportReport:
+    """Each transformed part of the scoped lean detector ``lean``, exported and verified on its
+    own as ``<target stem>.<part path>.onnx`` beside ``target`` (the detector export's
+    fallback when the whole detector does not export); ``notes`` go into the report."""
     info = scope_info(lean)
     assert info is not None
     reports: dict[str, ExportReport] = {}

@@ -29,16 +29,14 @@ shared by every site of a group. onnxruntime's quantiser handles only ``MatMul``
 quantises a shared weight once per node that uses it (with identical results), so duplicate
 initializers are merged afterwards (:func:`_dedupe_initializers`).
 
-:func:`fold_initial_state` is the compiler option the SPEC names: at the first site of a group
-``h = c = 0``, so the hidden path there is the constant ``Wh2 ReLU(bh1) + bh2`` and ``f * c``
-vanishes. It propagates the known zeros through the graph and folds what becomes constant.
+``apply_dia_weights(..., fold_state=True)`` first folds DIA's zero initial state
+(:func:`fxattn.export.state_fold.fold_initial_state`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +45,10 @@ import numpy as np
 from ..config import Tolerance
 from ..errors import ExportError
 from ..names import DIA_PREFIX
+from .dia_scope import dia_matrix_names, is_dia_name
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
-from .onnx_graph import graph_reads, node_reads, remove_dead_nodes, subgraphs
+from .onnx_graph import node_attr, remove_unused_initializers
+from .state_fold import fold_initial_state
 
 DIA_WEIGHT_MODES = ("fp32", "fp16", "int8", "int4")
 #: rows of a matrix column that share one scale in int8 / int4 (onnxruntime's quantiser's own
@@ -70,28 +70,6 @@ def _initializers(model: Any) -> dict[str, Any]:
     return {init.name: init for init in model.graph.initializer}
 
 
-def _attr(node: Any, name: str, default: Any) -> Any:
-    import onnx
-
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
-
-
-def is_dia_name(name: str, prefix: str = DIA_PREFIX) -> bool:
-    """``prefix`` starts the name or one of its dotted components: the dynamo exporter keeps
-    the module's own parameter names (``fxattn_dia.g0...``), the TorchScript exporter names
-    them after the export wrapper's attribute (``inner.fxattn_dia.g0...``)."""
-    return name.startswith(prefix) or f".{prefix}" in name
-
-
-def dia_matrix_names(model: Any, prefix: str = DIA_PREFIX) -> list[str]:
-    """Names of the 2-D initializers (matrices) that are DIA parameters (:func:`is_dia_name`)."""
-    return [i.name for i in model.graph.initializer
-            if is_dia_name(i.name, prefix) and len(i.dims) == 2]
-
-
 def gemm_to_matmul(model: Any, prefix: str = DIA_PREFIX) -> int:
     """Rewrite ``Gemm(x, W, b, transB=1)`` on DIA weights into ``MatMul(x, W^T) + b`` in place.
 
@@ -110,14 +88,14 @@ def gemm_to_matmul(model: Any, prefix: str = DIA_PREFIX) -> int:
         plain = (
             is_dia_name(weight, prefix)
             and weight in inits
-            and _attr(node, "alpha", 1.0) == 1.0
-            and _attr(node, "beta", 1.0) == 1.0
-            and _attr(node, "transA", 0) == 0
+            and node_attr(node, "alpha", 1.0) == 1.0
+            and node_attr(node, "beta", 1.0) == 1.0
+            and node_attr(node, "transA", 0) == 0
         )
         if not plain:
             new_nodes.append(node)
             continue
-        trans_b = _attr(node, "transB", 0)
+        trans_b = node_attr(node, "transB", 0)
         name = weight
         if trans_b:
             if weight not in transposed:
@@ -137,15 +115,8 @@ def gemm_to_matmul(model: Any, prefix: str = DIA_PREFIX) -> int:
         rewritten += 1
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    _remove_unused_initializers(model)
+    remove_unused_initializers(model)
     return rewritten
-
-
-def _remove_unused_initializers(model: Any) -> None:
-    used = graph_reads(model.graph)
-    keep = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
 
 
 def _dedupe_initializers(model: Any) -> None:
@@ -200,7 +171,7 @@ def quantize_dia_nbits(
     finally:
         log.setLevel(level)
     _dedupe_initializers(model)
-    _remove_unused_initializers(model)
+    remove_unused_initializers(model)
     return model
 
 
@@ -241,111 +212,14 @@ def dia_to_fp16(model: Any, prefix: str = DIA_PREFIX) -> Any:
     return model
 
 
-def fold_initial_state(
-    model: Any, check: bool = True, seeds: Callable[[Any], bool] | None = None
-) -> int:
-    """Fold DIA's zero initial state: the first site's hidden path becomes a constant.
-
-    A tensor is *known zero* when it comes from ``Expand`` of a zero scalar or ``ConstantOfShape``
-    with value 0 (how ``torch.zeros_like`` exports), or from a ``Constant`` of zeros (how the
-    TorchScript exporter writes it where the batch is fixed, as in a detector). Zeros propagate
-    through ``Mul`` (anything times zero), ``Add`` (zero plus x is x), ``Relu``; a
-    ``Gemm``/``MatMul`` of a zero or constant row with constant weights becomes a constant row
-    ``(1, N)`` that broadcasts over the batch in the ``Add`` that follows. Returns the number of
-    nodes removed. ``check=False`` leaves ``onnx.checker`` to the caller (it serialises the
-    whole model); ``seeds`` limits the zeros folded to those made by nodes it accepts
-    (``fxattn.onnx_optimize`` passes DIA's own, so zeros elsewhere in a model, whose
-    broadcasts the fold does not track, stay as they are).
-    """
+def has_low_precision_weights(model: Any, prefix: str = DIA_PREFIX) -> bool:
+    """Whether ``model`` stores DIA's matrices below fp32 (``MatMulNBits``, fp16 initializers):
+    then it approximates the PyTorch module on purpose, and rounding rules do not judge it."""
     import onnx
-    from onnx import numpy_helper
 
-    inits = _initializers(model)
-    consts: dict[str, np.ndarray] = {n: numpy_helper.to_array(t) for n, t in inits.items()}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            consts[node.output[0]] = numpy_helper.to_array(_attr(node, "value", None))
-    zeros: set[str] = set()
-    rows: dict[str, np.ndarray] = {}  # batch-independent rows (1, N)
-    alias: dict[str, str] = {}
-    removed = 0
-    new_nodes = []
-
-    def resolve(name: str) -> str:
-        while name in alias:
-            name = alias[name]
-        return name
-
-    # tensors an If/Loop branch reads by name: their nodes stay (a branch is not rewired)
-    pinned = {name for node in model.graph.node for graph in subgraphs(node)
-              for inner in graph.node for name in node_reads(inner)}
-    for node in model.graph.node:
-        node.input[:] = [resolve(i) for i in node.input]
-        ins = list(node.input)
-        op = node.op_type
-        out = node.output[0] if node.output else ""
-        if out in pinned:
-            new_nodes.append(node)
-            continue
-        seed = seeds is None or seeds(node)
-        if op == "Expand" and seed and ins[0] in consts and not np.any(consts[ins[0]]):
-            zeros.add(out)
-        elif op == "Constant" and seed and out in consts and consts[out].size \
-                and not np.any(consts[out]):
-            zeros.add(out)  # a zero state the exporter folded (fixed batch: TorchScript)
-        elif op == "ConstantOfShape" and seed and not np.any(
-            numpy_helper.to_array(_attr(node, "value", None)) if _attr(node, "value", None)
-            is not None else 0.0
-        ):
-            zeros.add(out)
-        elif op in ("Gemm", "MatMul") and (ins[0] in zeros or ins[0] in rows) and ins[1] in consts:
-            a = rows.get(ins[0])
-            weight = consts[ins[1]]
-            if op == "Gemm" and _attr(node, "transB", 0):
-                weight = weight.T
-            value = np.zeros((1, weight.shape[0]), np.float32) if a is None else a
-            value = value @ weight
-            if op == "Gemm" and len(ins) > 2 and ins[2]:
-                value = value + consts[ins[2]]
-            rows[out] = value.astype(np.float32)
-            removed += 1
-            continue
-        elif op == "Relu" and ins[0] in rows:
-            rows[out] = np.maximum(rows[ins[0]], 0)
-            removed += 1
-            continue
-        elif op == "Relu" and ins[0] in zeros:
-            zeros.add(out)
-            removed += 1
-            continue
-        elif op == "Mul" and any(i in zeros for i in ins):
-            zeros.add(out)
-            removed += 1
-            continue
-        elif op == "Add" and len(ins) == 2 and any(i in zeros for i in ins):
-            other = ins[1] if ins[0] in zeros else ins[0]
-            if other in zeros:
-                zeros.add(out)
-            else:
-                alias[out] = other
-            removed += 1
-            continue
-        new_nodes.append(node)
-    # materialise constant rows that are still used
-    used = {i for node in new_nodes for i in node_reads(node)}
-    for name, value in rows.items():
-        if name in used:
-            model.graph.initializer.append(numpy_helper.from_array(value, name))
-    for out in model.graph.output:
-        if out.name in alias or out.name in zeros or out.name in rows:
-            raise ExportError(f"cannot fold the initial state: graph output {out.name} is constant")
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    remove_dead_nodes(model)
-    _remove_unused_initializers(model)
-    if check:
-        onnx.checker.check_model(model)
-    return removed
+    return any(node.op_type == "MatMulNBits" for node in model.graph.node) or any(
+        init.data_type == onnx.TensorProto.FLOAT16 and is_dia_name(init.name, prefix)
+        for init in model.graph.initializer)
 
 
 def check_dia_weights(mode: str | None) -> None:

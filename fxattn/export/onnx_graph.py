@@ -72,3 +72,21 @@ def remove_dead_nodes(model: Any) -> None:
 
 def op_types(model: Any) -> Iterable[str]:
     return (node.op_type for node in model.graph.node)
+
+
+def node_attr(node: Any, name: str, default: Any = None) -> Any:
+    """The value of ``node``'s attribute ``name``, or ``default`` when it has none."""
+    import onnx
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def remove_unused_initializers(model: Any) -> None:
+    """Drop the initializers nothing in the graph reads (subgraphs included)."""
+    used = graph_reads(model.graph)
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)

@@ -63,16 +63,15 @@ exporter's name scopes ``fxattn_dia.*``), so a model without DIA is left byte fo
     matrix-vector product ~10 us), and ViT-S/16 has 24 DIA sites. Exact up to float
     reordering (the sum of ``a_i / N`` instead of ``sum(a_i) / N``).
 ``fold_initial_state``
-    :func:`fxattn.lowp.fold_initial_state`: at the first site of every group ``h = c = 0``, so
-    the hidden path there is a constant row and ``f * c`` vanishes; fewer matrix bytes read.
+    :func:`fxattn.export.state_fold.fold_initial_state`: at the first site of every group
+    ``h = c = 0``, so the hidden path there is a constant row and ``f * c`` vanishes; fewer
+    matrix bytes read.
 
 What was tried and measured is in ``benchmarks/results/dia_cost_notes.md``.
 """
 
 from __future__ import annotations
 
-import ast
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,12 +79,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..names import DIA_PREFIX
-from .onnx_graph import graph_reads, has_control_flow, readers
+from .dia_scope import has_dia, in_dia
+from .onnx_graph import graph_reads, has_control_flow, node_attr, readers
+from .state_fold import fold_initial_state
 
-#: name scope of DIA's modules in the exported graph (``fxattn_dia.g0`` ...)
-#: metadata entry with a node's DIA scope, where the exporter records no module scopes
-SCOPE_KEY = "fxattn.name_scope"
 #: channel block of onnxruntime's blocked layout: 8 (AVX2) or 16 (AVX-512); 16 is safe for both
 NCHWC_BLOCK = 16
 #: rewrites that act only on what another one made: switching one on needs the others on
@@ -161,79 +158,6 @@ class OptimizeReport:
 
 
 # --------------------------------------------------------------------------- graph helpers
-
-
-def node_attr(node: Any, name: str, default: Any = None) -> Any:
-    """The value of ``node``'s attribute ``name``, or ``default`` when it has none."""
-    import onnx
-
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
-
-
-def in_dia(node: Any) -> bool:
-    """Whether ``node`` comes from a DIA module: the dynamo exporter's name scopes, the scope
-    :func:`mark_dia_scopes` recorded on a TorchScript export, or a scoped node name."""
-    for prop in node.metadata_props:
-        if prop.key == SCOPE_KEY:
-            return prop.value.startswith(DIA_PREFIX)
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                scopes = [prop.value]
-            return any(str(s).startswith(DIA_PREFIX) for s in scopes)
-    return DIA_PREFIX in node.name
-
-
-def mark_dia_scopes(model: Any) -> int:
-    """Record DIA's module scope on the nodes of a TorchScript export; returns how many.
-
-    The TorchScript exporter names a node after the modules it ran in, one path component per
-    module call: DIA's group ``fxattn_dia.g2``, called from the graph module, gives
-    ``/inner/g2/Mul_7`` at its first site and ``/inner/g2_1/...`` at the next (the container
-    ``fxattn_dia`` is never called, so the names lose it); only the parameters keep the full
-    name (``inner.fxattn_dia.g2.input_path.0.weight``). A node that reads a DIA parameter shows
-    where its group's calls are (``/inner/`` + ``g2``); every node under one of them gets the
-    metadata entry :data:`SCOPE_KEY` = ``fxattn_dia.g2``, which :func:`in_dia` reads, so the
-    rewrites here, :func:`fxattn.compile_ort_cpu` and the cost account find DIA in TorchScript
-    exports as they do in dynamo exports. A call under which other parameters are read (a
-    module of the model that has the group's name) is left unmarked: an optimisation skipped,
-    never a wrong one.
-    """
-    from .lowp import is_dia_name
-
-    parameters = {init.name for init in model.graph.initializer}
-    groups: set[tuple[str, str]] = set()  # (the scope's parent, the group): ("/inner/", "g2")
-    for node in model.graph.node:
-        for name in node.input:
-            if name in parameters and is_dia_name(name, DIA_PREFIX):
-                group = name[name.index(DIA_PREFIX) + len(DIA_PREFIX):].split(".")[0]
-                parts = node.name.split("/")[:-1]
-                if group in parts:
-                    groups.add(("/".join(parts[:parts.index(group)]) + "/", group))
-
-    def scope(node: Any) -> tuple[str, str] | None:
-        """``(node name prefix, DIA scope)`` of a node in a call of a DIA group."""
-        for parent, group in groups:
-            call, _, rest = node.name[len(parent):].partition("/")
-            if node.name.startswith(parent) and rest \
-                    and re.fullmatch(rf"{re.escape(group)}(_\d+)?", call):  # g2, g2_1, ...
-                return parent + call + "/", DIA_PREFIX + group
-        return None
-
-    scoped = [(node, found) for node in model.graph.node if (found := scope(node))]
-    foreign = {prefix for node, (prefix, _) in scoped
-               if any(name in parameters and not is_dia_name(name, DIA_PREFIX)
-                      for name in node.input)}
-    marked = 0
-    for node, (prefix, dia_scope) in scoped:
-        if prefix not in foreign and not any(p.key == SCOPE_KEY for p in node.metadata_props):
-            node.metadata_props.add(key=SCOPE_KEY, value=dia_scope)
-            marked += 1
-    return marked
 
 
 def tensor_shapes(model: Any) -> dict[str, list[int | str]]:
@@ -630,14 +554,8 @@ def _replace_nodes(model: Any, nodes: list[Any]) -> None:
     model.graph.node.extend(nodes)
 
 
-def has_dia(model: Any) -> bool:
-    return any(in_dia(node) for node in model.graph.node)
-
-
 def optimize_model(model: Any, options: OnnxOptimize | None = None) -> OptimizeReport:
     """Run the enabled rewrites on ``model`` (an ``onnx.ModelProto``) in place."""
-    from .lowp import fold_initial_state
-
     options = options or OnnxOptimize()
     report = OptimizeReport({name: 0 for name in options.to_dict()})
     if not has_dia(model):

@@ -34,16 +34,17 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..analysis.graph import count_parameters
-from ..capture.tracing import ExampleInputs
+from ..capture import ExampleInputs
 from ..config import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
 from ..errors import ConfigError, ExportError, InputError, first_line
 from ..files import atomic_path, check_output_path
 from ..modules.graph_module import AttentionGraphModule, unwrap
 from .compat import ExportCompatMode
+from .dia_scope import mark_dia_scopes
 from .lowp import apply_dia_weights, check_dia_weights
 from .lowp import tolerance as lowp_tolerance
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
-from .optimize import OnnxOptimize, mark_dia_scopes
+from .optimize import OnnxOptimize
 from .verify import VerificationReport, verify_onnx
 
 __all__ = ["ExportReport", "export_portable"]
@@ -246,7 +247,7 @@ def _export_checked(
 
 
 def mark_dia_scopes_in_file(path: Path) -> None:
-    """Record DIA's scopes in a TorchScript export (:func:`fxattn.onnx_optimize.mark_dia_scopes`:
+    """Record DIA's scopes in a TorchScript export (:func:`fxattn.export.dia_scope.mark_dia_scopes`:
     its node names lose them), so that DIA's rewrites find its nodes."""
     import onnx
 

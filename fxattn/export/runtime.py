@@ -14,15 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..capture.tracing import ExampleInputs
+from ..capture import ExampleInputs
 from ..errors import VerificationError
 
 
-def ort_session(path: str, threads: int | None = None, spinning: bool = False) -> Any:
-    """An onnxruntime CPU session; worker threads do not spin (see the module docstring)."""
+def ort_session(path: str, threads: int | None = None, spinning: bool = False,
+                optimize: bool = True) -> Any:
+    """An onnxruntime CPU session; worker threads do not spin (see the module docstring).
+    ``optimize=False`` runs the graph as written (no onnxruntime graph optimisations)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

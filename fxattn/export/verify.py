@@ -1,5 +1,9 @@
 """Verification: does onnxruntime compute what PyTorch computes?
 
+The rule is fxattn's one rule for two computations of the same model
+(:mod:`fxattn.export.agreement`); here the candidate is onnxruntime, the reference PyTorch, and
+the exact evaluation of the ``float64`` step PyTorch in float64 (:func:`float64_call`).
+
 The ONNX model and the PyTorch module run on the same fresh inputs at two batch sizes, and every
 output element must satisfy the rule of ``torch.testing.assert_close`` and ``numpy.allclose``::
 
@@ -34,7 +38,6 @@ the error says so instead of blaming the tolerance.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,30 +48,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..capture.tracing import ExampleInputs
+from ..capture import ExampleInputs
 from ..config import DEFAULT_ATOL, DEFAULT_FLOAT64_FACTOR, DEFAULT_RTOL, Tolerance
 from ..errors import VerificationError, first_line
+from .agreement import Judgement, WorstElement, element_ratios, judge, judge_conditioned
 from .runtime import ort_feed, ort_session
-
-
-@dataclass(frozen=True)
-class WorstElement:
-    """The element whose error is largest against what the rule allows it."""
-
-    output: int  # index among the model's tensor outputs
-    name: str  # the ONNX output's name
-    batch: int
-    index: tuple[int, ...]
-    onnxruntime: float
-    pytorch: float
-    abs_error: float
-    rel_error: float  # abs_error / |pytorch| (inf where pytorch is 0)
-    ratio: float  # abs_error / (atol + rtol * |pytorch|): <= 1 passes
-
-    def describe(self) -> str:
-        where = f"output {self.output} ({self.name}) at batch {self.batch}, element {self.index}"
-        return (f"{where}: onnxruntime {self.onnxruntime:.7g} vs PyTorch {self.pytorch:.7g}, "
-                f"abs error {self.abs_error:.3e}, relative {self.rel_error:.3e}")
 
 
 @dataclass
@@ -85,6 +69,7 @@ class VerificationReport:
     worst: WorstElement | None
     float64_margin: float | None = None  # worst ratio under the float64 rule, when it ran
     float64_noise: float | None = None  # max |torch32 - torch64| over the outputs, when it ran
+    float64_worst: WorstElement | None = None  # the worst element under the float64 rule
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,21 +85,10 @@ class VerificationReport:
         return text
 
 
-@dataclass
-class _Comparison:
-    """One batch size: every output compared, the worst element kept."""
-
-    batch: int
-    ratio: float
-    worst: WorstElement | None
-    max_abs: float
-    max_rel: float
-
-
 _NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class _Float64Everywhere(TorchDispatchMode):
+class Float64Everywhere(TorchDispatchMode):
     """Every float dtype an op asks for becomes float64 (and so does the default dtype).
 
     ``module.double()`` converts parameters and buffers, but a captured graph spells the
@@ -131,7 +105,7 @@ class _Float64Everywhere(TorchDispatchMode):
 
         return func(*tree_map(widen, args), **tree_map(widen, kwargs or {}))
 
-    def __enter__(self) -> _Float64Everywhere:
+    def __enter__(self) -> Float64Everywhere:
         self._default = torch.get_default_dtype()
         torch.set_default_dtype(torch.float64)
         return super().__enter__()
@@ -146,7 +120,7 @@ def float64_call(module: nn.Module) -> Any:
 
     Only the float64 tensors are made, no float32 copy of the module on the way (a 2.6 GB
     RegNet-Y-128GF ran out of 24 GB with ``copy.deepcopy(module).double()``); ``module``
-    itself is untouched. Call it under :class:`_Float64Everywhere` with float64 inputs.
+    itself is untouched. Call it under :class:`Float64Everywhere` with float64 inputs.
     """
     state = {name: value.double() if value.is_floating_point() else value
              for name, value in (*module.named_parameters(), *module.named_buffers())}
@@ -164,66 +138,11 @@ def _as_float64(value: Any) -> Any:
     )
 
 
-def _tensor_outputs(result: Any) -> list[np.ndarray]:
+def tensor_outputs(result: Any) -> list[np.ndarray]:
+    """The tensors of a forward's result (nested in tuples, lists, dicts), as numpy arrays."""
     tensors = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
     return [(t.detach().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach())
             .cpu().numpy() for t in tensors]
-
-
-def element_ratios(got: np.ndarray, want: np.ndarray, atol: float, rtol: float,
-                   extra: float = 0.0) -> np.ndarray:
-    """``|got - want| / (atol + rtol |want| + extra)`` elementwise; NaN/inf handled exactly.
-
-    The verification rule's own measure: an element passes when its ratio is at most 1
-    (benchmarks use it to say how far a perturbation moves an output in the rule's units).
-    """
-    if want.dtype.kind not in "fc":  # integers and booleans: exact
-        return np.where(got == want, 0.0, np.inf)
-    a, w = got.astype(np.float64), want.astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.abs(a - w)
-        ratio = diff / (atol + rtol * np.abs(w) + extra)
-    same = (a == w) | (np.isnan(a) & np.isnan(w))  # equal infinities, NaN where both are NaN
-    ratio = np.where(same, 0.0, ratio)
-    return np.where(np.isnan(ratio), np.inf, ratio)
-
-
-def _compare(batch: int, actual: Sequence[np.ndarray], expected: Sequence[np.ndarray],
-             names: Sequence[str], tol: Tolerance) -> _Comparison:
-    if len(actual) != len(expected):
-        raise VerificationError(
-            f"onnxruntime returned {len(actual)} outputs, PyTorch {len(expected)}; the export "
-            "dropped or added an output"
-        )
-    result = _Comparison(batch, 0.0, None, 0.0, 0.0)
-    for i, (got, want) in enumerate(zip(actual, expected, strict=True)):
-        if got.shape != want.shape:
-            raise VerificationError(
-                f"output {i} ({names[i]}) at batch {batch}: onnxruntime shape {got.shape}, "
-                f"PyTorch {want.shape}; check the dynamic batch dimension of the export"
-            )
-        if want.size == 0:
-            continue
-        ratio = element_ratios(got, want, tol.atol, tol.rtol)
-        if want.dtype.kind in "fc":
-            diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-            finite = diff[np.isfinite(diff)]
-            max_abs = float(finite.max()) if finite.size else 0.0
-            scale = float(np.nanmax(np.abs(want))) if np.isfinite(want).any() else 0.0
-            result.max_abs = max(result.max_abs, max_abs)
-            result.max_rel = max(result.max_rel, max_abs / scale if scale > 0 else max_abs)
-        flat = int(np.argmax(ratio))
-        if ratio.flat[flat] >= result.ratio or result.worst is None:
-            index = tuple(int(k) for k in np.unravel_index(flat, ratio.shape))
-            o, p = float(got[index]), float(want[index])
-            abs_error = abs(o - p) if math.isfinite(o - p) else math.inf
-            result.ratio = float(ratio.flat[flat])
-            result.worst = WorstElement(
-                output=i, name=names[i], batch=batch, index=index, onnxruntime=o, pytorch=p,
-                abs_error=abs_error, rel_error=abs_error / abs(p) if p else math.inf,
-                ratio=result.ratio,
-            )
-    return result
 
 
 def verify_onnx(
@@ -252,19 +171,19 @@ def verify_onnx(
         ) from exc
     names = [o.name for o in session.get_outputs()]
     generator = torch.Generator().manual_seed(seed)
-    runs: list[tuple[ExampleInputs, list[np.ndarray], list[np.ndarray], _Comparison]] = []
+    runs: list[tuple[ExampleInputs, list[np.ndarray], list[np.ndarray], Judgement]] = []
     for batch in batch_sizes:
         batch_inputs = inputs.with_batch(batch, generator)
         with torch.no_grad():
-            expected = _tensor_outputs(batch_inputs.call(module))
+            expected = tensor_outputs(batch_inputs.call(module))
         actual = session.run(None, ort_feed(session, batch_inputs))
-        runs.append((batch_inputs, actual, expected, _compare(batch, actual, expected, names, tol)))
-    worst = max((run[3] for run in runs), key=lambda c: c.ratio)
+        runs.append((batch_inputs, actual, expected, judge(batch, actual, expected, names, tol)))
+    worst = max((run[3] for run in runs), key=lambda c: c.margin)
     report = VerificationReport(
-        batch_sizes=tuple(batch_sizes), tolerance=tol, passed=worst.ratio <= 1.0,
+        batch_sizes=tuple(batch_sizes), tolerance=tol, passed=worst.margin <= 1.0,
         rule="allclose", max_abs_error=max(run[3].max_abs for run in runs),
-        max_rel_error=max(run[3].max_rel for run in runs), margin=worst.ratio,
-        worst=worst.worst,
+        max_rel_error=max(run[3].max_rel for run in runs), margin=worst.margin,
+        worst=worst.allclose_worst,
     )
     if report.passed:
         return report
@@ -283,8 +202,8 @@ def _check_deterministic(module: nn.Module, runs: list[Any], names: Sequence[str
         if comparison.ratio <= 1.0:
             continue
         with torch.no_grad():
-            again = _tensor_outputs(batch_inputs.call(module))
-        repeat = _compare(comparison.batch, again, expected, names, tol)
+            again = tensor_outputs(batch_inputs.call(module))
+        repeat = judge(comparison.batch, again, expected, names, tol, ("PyTorch", "PyTorch"))
         if repeat.ratio > 1.0:
             raise VerificationError(
                 f"PyTorch itself returns different values for the same inputs "
@@ -297,32 +216,36 @@ def _check_deterministic(module: nn.Module, runs: list[Any], names: Sequence[str
 
 def _float64_rule(module: nn.Module, runs: list[Any], names: Sequence[str], tol: Tolerance,
                   report: VerificationReport) -> None:
-    """Judge failing batches against a float64 run of the module (see the module docstring)."""
+    """Judge failing batches by the ``float64`` step of :mod:`fxattn.export.agreement`."""
     double = float64_call(module)
-    worst_ratio, noise_max = 0.0, 0.0
+    worst: Judgement | None = None
+    noise_max = 0.0
     for batch_inputs, actual, expected, comparison in runs:
         if comparison.ratio <= 1.0:
             continue
         try:
-            with torch.no_grad(), _Float64Everywhere():
-                reference = _tensor_outputs(
-                    double(*_as_float64(batch_inputs.args), **_as_float64(batch_inputs.kwargs))
-                )
+            reference = float64_outputs(double, batch_inputs)
         except Exception as exc:  # noqa: BLE001 - float64 unsupported by one of its ops
             report.notes.append(f"no float64 check: the module fails in float64 ({exc})")
             return
-        for got, want32, want64 in zip(actual, expected, reference, strict=True):
-            if want32.dtype.kind not in "fc" or want32.size == 0:
-                ratio = element_ratios(got, want32, tol.atol, tol.rtol)
-            else:
-                gap = np.abs(want32.astype(np.float64) - want64.astype(np.float64))
-                noise = float(np.nanmax(gap)) if np.isfinite(gap).any() else 0.0
-                noise_max = max(noise_max, noise)
-                ratio = element_ratios(got, want64, tol.atol, tol.rtol, tol.float64_factor * noise)
-            worst_ratio = max(worst_ratio, float(ratio.max()) if ratio.size else 0.0)
-    report.float64_margin, report.float64_noise = worst_ratio, noise_max
-    if worst_ratio <= 1.0:
+        judge_conditioned(comparison, actual, expected, names, tol, exact=reference)
+        noise_max = max(noise_max, comparison.noise or 0.0)
+        if worst is None or comparison.ratio > worst.ratio:
+            worst = comparison
+    if worst is None:
+        return
+    report.float64_margin, report.float64_noise = worst.ratio, noise_max
+    if worst.passed:
         report.passed, report.rule = True, "float64"
+    else:
+        report.float64_worst = worst.worst
+
+
+def float64_outputs(double: Any, inputs: ExampleInputs) -> list[np.ndarray]:
+    """The tensor outputs of ``double`` (:func:`float64_call`) on float64 copies of
+    ``inputs``, every float op widened to float64."""
+    with torch.no_grad(), Float64Everywhere():
+        return tensor_outputs(double(*_as_float64(inputs.args), **_as_float64(inputs.kwargs)))
 
 
 def _failure_message(report: VerificationReport) -> str:
@@ -332,6 +255,8 @@ def _failure_message(report: VerificationReport) -> str:
             f"that is {report.margin:.3g} times atol + rtol*|ref| (atol {tol.atol:g}, "
             f"rtol {tol.rtol:g})")
     if report.float64_noise is not None:
+        if report.float64_worst is not None:
+            text += f"; by the float64 rule the worst is {report.float64_worst.describe()}"
         text += (f"; against a float64 run it is still {report.float64_margin:.3g} times "
                  f"what the float64 rule allows (PyTorch's own float32 error "
                  f"{report.float64_noise:.2e}, times {tol.float64_factor:g}), so this is not "
@@ -343,5 +268,6 @@ def _failure_message(report: VerificationReport) -> str:
     )
 
 
-__all__ = ["DEFAULT_ATOL", "DEFAULT_FLOAT64_FACTOR", "DEFAULT_RTOL", "Tolerance",
-           "VerificationReport", "WorstElement", "element_ratios", "verify_onnx"]
+__all__ = ["DEFAULT_ATOL", "DEFAULT_FLOAT64_FACTOR", "DEFAULT_RTOL", "Float64Everywhere",
+           "Tolerance", "VerificationReport", "WorstElement", "element_ratios", "float64_call",
+           "float64_outputs", "tensor_outputs", "verify_onnx"]

@@ -11,12 +11,21 @@ The DIA-LSTM cell follows the official DIANet code: for site ``t`` with branch o
     out = A_t * h_t                                           # broadcast over H, W / tokens
 
 ``h_0 = c_0 = 0`` at the first site of a group (the call without state).
+
+With ``fused=True`` (the default of :class:`fxattn.DIA`) a site runs as one fused operator
+(``torch.ops.fxattn.dia_lstm`` / ``dia_se``, see :mod:`fxattn.ops`) reading the same
+``nn.Linear`` parameters; the decomposed code below stays the reference, and runs whenever
+:func:`fxattn.ops.fused_enabled` is false (ONNX export, :func:`fxattn.ops.decomposed`).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
+
+from .. import ops
 
 
 def _descriptor(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -37,6 +46,20 @@ def _broadcastable(weights: torch.Tensor, like: torch.Tensor, channel_dim: int) 
     return weights
 
 
+class CarriedState(NamedTuple):
+    """The ``c`` a fused training forward hands to the next site: the cell state and the
+    group's packed parameters (one tensor, so the backward sums one gradient per site)."""
+
+    c: torch.Tensor
+    params: torch.Tensor
+
+
+def _linear_params(mlp: nn.Sequential) -> tuple[torch.Tensor, ...]:
+    """``(w1, b1, w2, b2)`` of a ``Linear -> ReLU -> Linear``, as the fused ops take them."""
+    first, second = mlp[0], mlp[2]
+    return first.weight, first.bias, second.weight, second.bias
+
+
 def _mlp(channels: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, out))
 
@@ -44,17 +67,25 @@ def _mlp(channels: int, hidden: int, out: int) -> nn.Sequential:
 class DIALSTMCell(nn.Module):
     """The DIA-LSTM cell. ``forward(x, h=None, c=None) -> (x * h_t, h_t, c_t)``."""
 
-    def __init__(self, channels: int, reduction: int = 4, channel_dim: int = 1) -> None:
+    def __init__(
+        self, channels: int, reduction: int = 4, channel_dim: int = 1, fused: bool = True
+    ) -> None:
         super().__init__()
         hidden = channels // reduction
         self.channels = channels
         self.channel_dim = channel_dim
+        self.fused = fused
+        self.pack_params = True  # False when the cell serves one site (nothing to share)
         self.input_path = _mlp(channels, hidden, 4 * channels)
         self.hidden_path = _mlp(channels, hidden, 4 * channels)
 
     def forward(
         self, x: torch.Tensor, h: torch.Tensor | None = None, c: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused and ops.fused_enabled():
+            return self._fused_forward(x, h, c)
+        if isinstance(c, CarriedState):
+            c = c.c
         descriptor = _descriptor(x, self.channel_dim)
         if h is None or c is None:
             h = torch.zeros_like(descriptor)
@@ -65,8 +96,28 @@ class DIALSTMCell(nn.Module):
         h_next = torch.sigmoid(o) * torch.sigmoid(c_next)
         return x * _broadcastable(h_next, x, self.channel_dim), h_next, c_next
 
+    def _fused_forward(
+        self, x: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor | CarriedState | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | CarriedState]:
+        """One ``torch.ops.fxattn.dia_lstm`` call; packs the parameters when training.
+
+        In a training forward the group's first site packs the eight parameters into one
+        tensor (``dia_pack``) and hands it on with the cell state, so the backward sums one
+        gradient per site instead of eight (see :func:`fxattn.ops.dia_lstm.dia_pack`).
+        """
+        params = [*_linear_params(self.input_path), *_linear_params(self.hidden_path)]
+        packed = None
+        if isinstance(c, CarriedState):
+            c, packed = c
+        elif (h is None and self.pack_params and self.training and torch.is_grad_enabled()
+              and any(p.requires_grad for p in params)):
+            packed = ops.dia_pack(params)
+        out, h_next, c_next = ops.dia_lstm(x, h, c, params if packed is None else [packed],
+                                           getattr(self, "gate", None), self.channel_dim)
+        return out, h_next, c_next if packed is None else CarriedState(c_next, packed)
+
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, channel_dim={self.channel_dim}"
+        return f"channels={self.channels}, channel_dim={self.channel_dim}, fused={self.fused}"
 
 
 class SharedSE(nn.Module):
@@ -74,18 +125,24 @@ class SharedSE(nn.Module):
 
     stateful = False
 
-    def __init__(self, channels: int, reduction: int = 4, channel_dim: int = 1) -> None:
+    def __init__(
+        self, channels: int, reduction: int = 4, channel_dim: int = 1, fused: bool = True
+    ) -> None:
         super().__init__()
         self.channels = channels
         self.channel_dim = channel_dim
+        self.fused = fused
         self.fc = _mlp(channels, channels // reduction, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and ops.fused_enabled():
+            return ops.dia_se(x, *_linear_params(self.fc), getattr(self, "gate", None),
+                              self.channel_dim)
         weights = torch.sigmoid(self.fc(_descriptor(x, self.channel_dim)))
         return x * _broadcastable(weights, x, self.channel_dim)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, channel_dim={self.channel_dim}"
+        return f"channels={self.channels}, channel_dim={self.channel_dim}, fused={self.fused}"
 
 
 DIALSTMCell.stateful = True  # type: ignore[attr-defined]
@@ -94,5 +151,7 @@ DIALSTMCell.stateful = True  # type: ignore[attr-defined]
 DIA_MODULES: dict[str, type[nn.Module]] = {"lstm": DIALSTMCell, "se": SharedSE}
 
 
-def build_dia_module(kind: str, channels: int, reduction: int, channel_dim: int) -> nn.Module:
-    return DIA_MODULES[kind](channels, reduction, channel_dim)
+def build_dia_module(
+    kind: str, channels: int, reduction: int, channel_dim: int, fused: bool = True
+) -> nn.Module:
+    return DIA_MODULES[kind](channels, reduction, channel_dim, fused)

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
+
 
 @dataclass(frozen=True)
 class TapSpec:
@@ -87,6 +89,12 @@ class TapMap(nn.Module):
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         if self.map == "channel":
             return channel_descriptor(feature, self.tap.channel_dim)
+        if ops.fused_enabled():  # one op: cast, |F|^p, channel mean, token slice, reshape
+            grid = self.tap.grid
+            tokens = grid is not None and feature.dim() - 2 != len(grid)
+            shape = [feature.shape[0], *grid] if tokens else []
+            return ops.ssia_map(feature, self.tap.channel_dim, self.p, self.tap.skip_tokens,
+                                shape)
         m = attention_map(feature, self.tap.channel_dim, self.p, self.tap.skip_tokens)
         grid = self.tap.grid
         if grid is not None and m.dim() - 1 != len(grid):
@@ -140,11 +148,26 @@ class SSIALoss(nn.Module):
 
     def forward(self, *maps: torch.Tensor) -> torch.Tensor:
         """``maps``: the outputs of ``self.maps[i]`` for every tap, low to high."""
+        if self.map == "spatial" and self.pairs and ops.fused_enabled():
+            self.latest = self._fused_loss(maps)
+            return self.latest
         total = maps[0].new_zeros((), dtype=torch.float32)
         for i, pair in enumerate(self.pairs):
             total = total + self._pair_loss(maps, i, pair)
         self.latest = total * self.weight
         return self.latest
+
+    def _fused_loss(self, maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """One ``fxattn::ssia_pair_loss`` per pair, each adding its weighted term to the
+        running total (no zeros, no separate sum or weight multiply)."""
+        total: torch.Tensor | None = None
+        for pair in self.pairs:
+            grid = self.taps[pair.low].grid
+            resize_to = list(grid) if pair.resize and grid is not None else []
+            total = ops.ssia_pair_loss(maps[pair.low], maps[pair.high], total, resize_to,
+                                       self.weight)
+        assert total is not None
+        return total
 
     def __getstate__(self) -> dict[str, Any]:
         # The latest loss holds an autograd graph: never copy or pickle it.

@@ -1,7 +1,7 @@
 """How a benchmark script records a run: the command that reproduces it, and its two files.
 
 Every result under ``benchmarks/results/`` is a pair: ``<stem>.json`` (the data, samples
-included) and ``<stem>.md`` (the table the README quotes), and both name the command that made
+included) and ``<stem>.md`` (the table docs/results.md quotes), and both name the command that made
 them, so that a reader can rerun it.
 """
 

@@ -1,6 +1,6 @@
 """Draw one residual block of a real model before and after fxattn's passes.
 
-Usage: ``python benchmarks/diagram.py`` -> ``docs/how-it-works.png``. The three columns are
+Usage: ``python benchmarks/tools/diagram.py`` -> ``docs/how-it-works.png``. The three columns are
 the FX nodes of torchvision ResNet-18's ``layer1.1`` block (plus the stem tap, for SSIA) in
 the original evaluation graph, in the transformed training graph, and in the lean graph that
 ``fxattn.strip_ssia`` returns. Each box is a node, with the nodes it reads; DIA nodes are red,
@@ -22,7 +22,7 @@ import torchvision  # noqa: E402
 import fxattn  # noqa: E402
 from fxattn.capture import ExampleInputs, trace_dual  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BLOCK = "layer1.1"
 COLORS = {"dia": "#f4b6b6", "ssia": "#b6cdf4", None: "#eeeeee"}
 

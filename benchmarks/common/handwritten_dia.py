@@ -2,7 +2,7 @@
 
 This is what a person writes without fxattn: torchvision's ResNet blocks, and one explicit
 DIA-LSTM cell per stage shared by every block of the stage (the official DIANet layout), with
-the math of the SPEC's section 4::
+the math of docs/how-it-works.md (DIA)::
 
     x_t   = GAP(branch_t)
     gates = Wx2 ReLU(Wx1 x_t + bx1) + bx2 + Wh2 ReLU(Wh1 h_{t-1} + bh1) + bh2
