@@ -1,7 +1,7 @@
 """The fused DIA / SSIA operators (``fxattn.ops``, issue 31).
 
 * Cost: aten ops per DIA site (eval forward, training forward, backward) and per SSIA tap,
-  counted with :class:`fxattn.ops.OpCounter` as (transformed - original) / sites.
+  counted with :class:`fxattn.ops.AtenOpCounter` as (transformed - original) / sites.
 * Parity: ``DIA(fused=True)`` against the decomposed ``DIA(fused=False)`` (the reference, run
   under :func:`fxattn.ops.decomposed` so SSIA is decomposed too): outputs, every gradient and
   the outputs after one SGD step, fp32 and bf16 autocast, over the layouts DIA supports.
@@ -23,7 +23,7 @@ from torch import nn
 
 import fxattn
 from fxattn import ops
-from fxattn.ops import OpCounter
+from fxattn.ops import AtenOpCounter
 
 # fp32: the measured worst difference is ~1e-6 (float reordering), with a margin.
 FP32 = {"atol": 1e-5, "rtol": 1e-4}
@@ -153,12 +153,12 @@ def test_parity_bf16_autocast(layout: str, dia: dict) -> None:
 def _counts(net: nn.Module, x: torch.Tensor, ssia: bool = False) -> tuple[int, int, int]:
     """aten ops of the eval forward, the training forward and the backward."""
     net.eval()
-    with torch.no_grad(), OpCounter() as eval_forward:
+    with torch.no_grad(), AtenOpCounter() as eval_forward:
         net(x)
     net.train()
-    with OpCounter() as train_forward:
+    with AtenOpCounter() as train_forward:
         loss = net(x).sum() + (fxattn.ssia_loss(net) if ssia else 0)
-    with OpCounter() as backward:
+    with AtenOpCounter() as backward:
         loss.backward()
     return eval_forward.total, train_forward.total, backward.total
 

@@ -10,17 +10,10 @@ peak memory), ``op_count.py`` (aten operators per DIA site), ``results.py`` and 
 an ONNX file).
 """
 
+from ..ops.counting import AtenOpCounter, count_aten_ops
 from .device import ort_gpu_providers, resolve_device
 from .onnx_models import COMPILED_BASELINE
-from .op_count import (
-    AtenOpCounter,
-    OpAccount,
-    StepOps,
-    count_aten_ops,
-    op_account,
-    ops_per_site,
-    step_ops,
-)
+from .op_count import OpAccount, StepOps, op_account, ops_per_site, step_ops
 from .protocol import (
     LatencyStats,
     fxattn_version,

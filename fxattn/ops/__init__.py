@@ -23,7 +23,7 @@ import torch
 from . import dia_lstm as _dia_lstm_module  # noqa: F401  (registers the operators)
 from . import dia_se as _dia_se_module  # noqa: F401
 from . import ssia as _ssia_module  # noqa: F401
-from .counting import OpCounter
+from .counting import AtenOpCounter, count_aten_ops
 from .dia_lstm import Weights, dia_lstm, dia_pack
 from .dia_se import dia_se
 from .ssia import ssia_map, ssia_pair_loss
@@ -34,8 +34,8 @@ if torch.cuda.is_available():  # Triton kernels for CUDA tensors (Triton comes w
     except ImportError:  # pragma: no cover - a CUDA torch without Triton: composite only
         pass
 
-__all__ = ["OpCounter", "Weights", "decomposed", "dia_lstm", "dia_pack", "dia_se", "fused_enabled",
-           "ssia_map", "ssia_pair_loss"]
+__all__ = ["AtenOpCounter", "Weights", "count_aten_ops", "decomposed", "dia_lstm", "dia_pack",
+           "dia_se", "fused_enabled", "ssia_map", "ssia_pair_loss"]
 
 _DECOMPOSED_DEPTH = [0]
 
