@@ -29,6 +29,7 @@ from .errors import (
     TraceError,
     VerificationError,
 )
+from .finetune import param_groups
 from .graph_module import AttentionGraphModule
 from .onnx_export import ExportReport, export_onnx
 from .onnx_optimize import OnnxOptimize
@@ -74,6 +75,7 @@ __all__ = [
     "inspect",
     "load",
     "load_checkpoint",
+    "param_groups",
     "save",
     "set_ssia_scale",
     "ssia_loss",

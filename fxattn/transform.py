@@ -288,7 +288,7 @@ def _build(
         dia_modules = nn.Module()
         for spec in plan.dia_modules:
             module = build_dia_module(dia_cfg.module, spec.channels, dia_cfg.reduction,
-                                      spec.channel_dim)
+                                      spec.channel_dim, dia_cfg.init)
             dia_modules.add_module(spec.name, module.to(device=device, dtype=dtype))
         root.add_module(DIA_ROOT, dia_modules)
         stateful = dia_cfg.module == "lstm"

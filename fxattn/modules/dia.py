@@ -11,6 +11,14 @@ The DIA-LSTM cell follows the official DIANet code: for site ``t`` with branch o
     out = A_t * h_t                                           # broadcast over H, W / tokens
 
 ``h_0 = c_0 = 0`` at the first site of a group (the call without state).
+
+``init="identity"`` (``fxattn.DIA(init="identity")``, for trained weights) gives each module a
+per-channel ``gate`` started at zero and multiplies by ``1 + gate * (h_t - 1)`` instead of
+``h_t`` (``1 + gate * (a - 1)`` for SE): at insertion every site is an exact identity, so a
+trained model computes what it computed before, yet the gate has a gradient from the first step
+(``d out / d gate = A_t * (h_t - 1)``), as with ReZero / LayerScale / LoRA's zero ``B``. The
+state passed on to the next site stays the paper's ``(h_t, c_t)``. ``init="paper"`` (the
+default) has no ``gate``: the paper's math and state_dict keys, unchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +45,27 @@ def _broadcastable(weights: torch.Tensor, like: torch.Tensor, channel_dim: int) 
     return weights
 
 
+def _gated(weights: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The multiplier: the paper's ``weights``, or ``1 + gate * (weights - 1)`` with a gate.
+
+    ``addcmul(1 - gate, gate, weights)`` is one fused elementwise op on ``(B, C)`` (``1 - gate``
+    is a constant once exported); with ``gate == 0`` it is exactly 1.
+    """
+    if gate is None:
+        return weights
+    return torch.addcmul(1 - gate, gate, weights)
+
+
+def _identity_gate(module: nn.Module, channels: int, init: str) -> None:
+    """Register ``gate`` (zeros, ``(C,)``) for ``init="identity"``; none for ``"paper"``."""
+    if init == "identity":
+        module.gate = nn.Parameter(torch.zeros(channels))
+    elif init == "paper":
+        module.gate = None
+    else:
+        raise ValueError(f"unknown DIA init {init!r}")  # fxattn.DIA validates it first
+
+
 def _mlp(channels: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, out))
 
@@ -44,13 +73,18 @@ def _mlp(channels: int, hidden: int, out: int) -> nn.Sequential:
 class DIALSTMCell(nn.Module):
     """The DIA-LSTM cell. ``forward(x, h=None, c=None) -> (x * h_t, h_t, c_t)``."""
 
-    def __init__(self, channels: int, reduction: int = 4, channel_dim: int = 1) -> None:
+    gate: nn.Parameter | None
+
+    def __init__(
+        self, channels: int, reduction: int = 4, channel_dim: int = 1, init: str = "paper"
+    ) -> None:
         super().__init__()
         hidden = channels // reduction
         self.channels = channels
         self.channel_dim = channel_dim
         self.input_path = _mlp(channels, hidden, 4 * channels)
         self.hidden_path = _mlp(channels, hidden, 4 * channels)
+        _identity_gate(self, channels, init)
 
     def forward(
         self, x: torch.Tensor, h: torch.Tensor | None = None, c: torch.Tensor | None = None
@@ -63,10 +97,12 @@ class DIALSTMCell(nn.Module):
         i, f, g, o = gates.chunk(4, dim=1)
         c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_next = torch.sigmoid(o) * torch.sigmoid(c_next)
-        return x * _broadcastable(h_next, x, self.channel_dim), h_next, c_next
+        scale = _gated(h_next, self.gate)
+        return x * _broadcastable(scale, x, self.channel_dim), h_next, c_next
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, channel_dim={self.channel_dim}"
+        init = ", init=identity" if self.gate is not None else ""
+        return f"channels={self.channels}, channel_dim={self.channel_dim}{init}"
 
 
 class SharedSE(nn.Module):
@@ -74,18 +110,24 @@ class SharedSE(nn.Module):
 
     stateful = False
 
-    def __init__(self, channels: int, reduction: int = 4, channel_dim: int = 1) -> None:
+    gate: nn.Parameter | None
+
+    def __init__(
+        self, channels: int, reduction: int = 4, channel_dim: int = 1, init: str = "paper"
+    ) -> None:
         super().__init__()
         self.channels = channels
         self.channel_dim = channel_dim
         self.fc = _mlp(channels, channels // reduction, channels)
+        _identity_gate(self, channels, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = torch.sigmoid(self.fc(_descriptor(x, self.channel_dim)))
+        weights = _gated(torch.sigmoid(self.fc(_descriptor(x, self.channel_dim))), self.gate)
         return x * _broadcastable(weights, x, self.channel_dim)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, channel_dim={self.channel_dim}"
+        init = ", init=identity" if self.gate is not None else ""
+        return f"channels={self.channels}, channel_dim={self.channel_dim}{init}"
 
 
 DIALSTMCell.stateful = True  # type: ignore[attr-defined]
@@ -94,5 +136,7 @@ DIALSTMCell.stateful = True  # type: ignore[attr-defined]
 DIA_MODULES: dict[str, type[nn.Module]] = {"lstm": DIALSTMCell, "se": SharedSE}
 
 
-def build_dia_module(kind: str, channels: int, reduction: int, channel_dim: int) -> nn.Module:
-    return DIA_MODULES[kind](channels, reduction, channel_dim)
+def build_dia_module(
+    kind: str, channels: int, reduction: int, channel_dim: int, init: str = "paper"
+) -> nn.Module:
+    return DIA_MODULES[kind](channels, reduction, channel_dim, init=init)
