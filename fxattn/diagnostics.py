@@ -34,7 +34,7 @@ from torch import nn
 from .analysis import Plan, Site
 from .errors import AnalysisError, NotTransformedError
 from .graph_module import DIA_ROOT, AttentionGraphModule, unwrap
-from .modules.dia import DIALSTMCell, SharedSE
+from .modules.dia import DIALSTMCell, SharedSE, gated_scale
 from .tracing import ExampleInputs
 
 
@@ -161,11 +161,14 @@ def _plan_of(net: nn.Module) -> tuple[nn.Module, Plan, dict[str, Any]]:
 def _attention_hook(
     cell: nn.Module, sink: list[torch.Tensor]
 ) -> tuple[nn.Module, Callable[..., None]]:
-    """Which submodule to hook and how to turn its output into a ``(B, C)`` attention."""
+    """Which submodule to hook and how to turn its output into a ``(B, C)`` attention (the
+    multiplier itself: ``1 + gate * (h - 1)`` for ``DIA(init="identity")``)."""
     if isinstance(cell, DIALSTMCell):
-        return cell, lambda _m, _i, out: sink.append(out[1].detach().float())
+        return cell, lambda _m, _i, out: sink.append(
+            gated_scale(out[1], cell.gate).detach().float())
     if isinstance(cell, SharedSE):
-        return cell.fc, lambda _m, _i, out: sink.append(torch.sigmoid(out).detach().float())
+        return cell.fc, lambda _m, _i, out: sink.append(
+            gated_scale(torch.sigmoid(out), cell.gate).detach().float())
     raise AnalysisError(  # pragma: no cover - every registered DIA module is handled above
         f"no attention capture for DIA module type {type(cell).__name__}"
     )

@@ -45,7 +45,7 @@ def _broadcastable(weights: torch.Tensor, like: torch.Tensor, channel_dim: int) 
     return weights
 
 
-def _gated(weights: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+def gated_scale(weights: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """The multiplier: the paper's ``weights``, or ``1 + gate * (weights - 1)`` with a gate.
 
     ``addcmul(1 - gate, gate, weights)`` is one fused elementwise op on ``(B, C)`` (``1 - gate``
@@ -97,7 +97,7 @@ class DIALSTMCell(nn.Module):
         i, f, g, o = gates.chunk(4, dim=1)
         c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_next = torch.sigmoid(o) * torch.sigmoid(c_next)
-        scale = _gated(h_next, self.gate)
+        scale = gated_scale(h_next, self.gate)
         return x * _broadcastable(scale, x, self.channel_dim), h_next, c_next
 
     def extra_repr(self) -> str:
@@ -122,7 +122,7 @@ class SharedSE(nn.Module):
         _identity_gate(self, channels, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = _gated(torch.sigmoid(self.fc(_descriptor(x, self.channel_dim))), self.gate)
+        weights = gated_scale(torch.sigmoid(self.fc(_descriptor(x, self.channel_dim))), self.gate)
         return x * _broadcastable(weights, x, self.channel_dim)
 
     def extra_repr(self) -> str:
