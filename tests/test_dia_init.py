@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from torchvision.models.resnet import BasicBlock
 
 import fxattn
 from fxattn.cli import main
+from fxattn.diagnostics import capture_attention
 from fxattn.graph_module import DIA_ROOT
 from fxattn.modules.dia import DIALSTMCell, SharedSE
 
@@ -366,3 +368,40 @@ def test_cli_dia_init(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, "--dia-init", "zero"]) == 2  # a usage error
     assert "invalid choice: 'zero'" in capsys.readouterr().err
 
+
+
+def test_param_groups_in_lightning_configure_optimizers(tmp_path: Path) -> None:
+    lightning = pytest.importorskip("lightning")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    model, x = _tiny()
+    net = fxattn.transform(model, x, dia=fxattn.DIA(init="identity"))
+
+    class Classifier(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch: Any, _: int) -> torch.Tensor:
+            images, labels = batch
+            return F.cross_entropy(self.net(images), labels) + fxattn.ssia_loss(self.net)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            # the LightningModule itself works too: fxattn's parameters are found by path
+            return torch.optim.SGD(fxattn.param_groups(self, lr=1e-3, new_lr=1e-1))
+
+    module = Classifier()
+    data = torch.utils.data.TensorDataset(x, torch.tensor([0, 1, 2, 3]))
+    trainer = lightning.Trainer(accelerator="cpu", devices=1, logger=False, max_steps=1,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                enable_checkpointing=False, default_root_dir=str(tmp_path))
+    before = _gates(net)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [1e-3, 1e-1]
+    assert all(not torch.equal(g, _gates(net)[n]) for n, g in before.items())
+
+
+def test_identity_attention_diagnostic_is_one_at_insertion() -> None:
+    model, x = _tiny()
+    net = fxattn.transform(model, x, dia=fxattn.DIA(share="none", init="identity"), ssia=False)
+    for attention in capture_attention(net, x).values():
+        np.testing.assert_array_equal(attention, np.ones_like(attention))
