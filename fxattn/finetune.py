@@ -12,6 +12,7 @@ Lightning's ``configure_optimizers`` too (``docs/finetuning.md``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -31,6 +32,28 @@ def _is_new(name: str) -> bool:
     return any(part in (DIA_ROOT, SSIA_ROOT) for part in name.split("."))
 
 
+def _below(name: str, paths: Sequence[str]) -> bool:
+    return any(name.startswith(f"{path}.") for path in paths)
+
+
+def _check_paths(module: nn.Module, new_modules: Any) -> tuple[str, ...]:
+    """``new_modules`` as a tuple of existing module paths (``"fc"``, ``"classifier.1"``)."""
+    paths = (new_modules,) if isinstance(new_modules, str) else new_modules
+    try:
+        paths = tuple(paths)
+    except TypeError:
+        raise ConfigError(f"new_modules must be a list of module paths, got {new_modules!r}"
+                          ) from None
+    known = dict(module.named_modules())
+    for path in paths:
+        if not isinstance(path, str) or not path or path not in known:
+            raise ConfigError(
+                f"new_modules entry {path!r} is not a submodule of {type(module).__name__}; "
+                "use paths as net.named_modules() prints them (e.g. 'fc')"
+            )
+    return paths
+
+
 def _check_rate(name: str, value: Any, *, positive: bool) -> float | None:
     if value is None and not positive:
         return None
@@ -43,8 +66,11 @@ def _check_rate(name: str, value: Any, *, positive: bool) -> float | None:
     return float(value)
 
 
-def split_parameters(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(model's own, fxattn's new)`` trainable parameters of a transformed ``net``.
+def split_parameters(
+    net: nn.Module, new_modules: Sequence[str] = ()
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(model's own, new)`` trainable parameters of a transformed ``net``: new are fxattn's
+    and those below the module paths ``new_modules`` (a replaced head).
 
     Looks through DDP / DataParallel / ``torch.compile`` wrappers; works on scoped models (a
     detector whose backbone was transformed) and on stripped (lean) ones. Parameters with
@@ -72,8 +98,10 @@ def split_parameters(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parame
             f"{type(module).__name__} without fxattn attention; call "
             "fxattn.transform(model, example_inputs, dia=fxattn.DIA(init='identity')) first"
         )
-    own = [p for name, p in named if p.requires_grad and not _is_new(name)]
-    new = [p for name, p in named if p.requires_grad and _is_new(name)]
+    paths = _check_paths(module, new_modules)
+    new_names = {name for name, _ in named if _is_new(name) or _below(name, paths)}
+    own = [p for name, p in named if p.requires_grad and name not in new_names]
+    new = [p for name, p in named if p.requires_grad and name in new_names]
     return own, new
 
 
@@ -84,6 +112,7 @@ def param_groups(
     new_lr: float,
     weight_decay: float | None = None,
     new_weight_decay: float | None = None,
+    new_modules: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Optimizer param groups: the model's own parameters at ``lr``, fxattn's at ``new_lr``.
 
@@ -104,11 +133,13 @@ def param_groups(
         new_lr: learning rate of DIA's and SSIA's new parameters, > 0 (commonly 10x ``lr``).
         weight_decay / new_weight_decay: weight decay of each group, >= 0 (``None``: the
             optimizer's default).
+        new_modules: module paths of the model's own whose parameters are new too and join
+            the ``new_lr`` group, e.g. ``["fc"]`` for a head replaced for the new task.
 
     Raises:
         NotTransformedError: ``net`` carries no fxattn attention.
         ConfigError: a learning rate is not a positive finite number, a weight decay not a
-            finite number >= 0.
+            finite number >= 0, or ``new_modules`` names no submodule.
     """
     rates = {
         "lr": _check_rate("lr", lr, positive=True),
@@ -116,7 +147,7 @@ def param_groups(
         "weight_decay": _check_rate("weight_decay", weight_decay, positive=False),
         "new_weight_decay": _check_rate("new_weight_decay", new_weight_decay, positive=False),
     }
-    own, new = split_parameters(net)
+    own, new = split_parameters(net, new_modules)
     groups = []
     for name, params, prefix in ((MODEL_GROUP, own, ""), (NEW_GROUP, new, "new_")):
         if not params:

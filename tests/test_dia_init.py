@@ -326,6 +326,14 @@ def test_param_groups_errors_and_wrappers() -> None:
     assert {names[id(p)].split(".")[0] for p in new["params"]} == {"fxattn_dia", "fxattn_ssia"}
     assert not any(names[id(p)].startswith("fxattn") for p in own["params"])
     assert "weight_decay" not in own  # the optimizer's default
+    # a replaced head joins the new group
+    head = {id(p) for p in net.head.parameters()}
+    own2, new2 = fxattn.param_groups(net, lr=0.1, new_lr=1.0, new_modules=["head"])
+    assert head <= {id(p) for p in new2["params"]} and not head & {id(p) for p in own2["params"]}
+    assert len(own2["params"]) + len(new2["params"]) == len(list(net.parameters()))
+    for bad in ("nohead", ["head", 3], 3):
+        with pytest.raises(fxattn.ConfigError, match="new_modules"):
+            fxattn.param_groups(net, lr=0.1, new_lr=1.0, new_modules=bad)
     # a frozen backbone: its parameters are left out, as Hugging Face's Trainer does
     for name, p in net.named_parameters():
         p.requires_grad_(name.startswith("fxattn"))
