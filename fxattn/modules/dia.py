@@ -71,7 +71,8 @@ def _mlp(channels: int, hidden: int, out: int) -> nn.Sequential:
 
 
 class DIALSTMCell(nn.Module):
-    """The DIA-LSTM cell. ``forward(x, h=None, c=None) -> (x * h_t, h_t, c_t)``."""
+    """The DIA-LSTM cell. ``forward(x, h=None, c=None) -> (x * h_t, h_t, c_t)``; with
+    ``init="identity"`` the first output is ``x * (1 + gate * (h_t - 1))``."""
 
     gate: nn.Parameter | None
 
@@ -106,7 +107,8 @@ class DIALSTMCell(nn.Module):
 
 
 class SharedSE(nn.Module):
-    """Squeeze-excitation MLP shared by a group, without state: ``forward(x) -> x * a``."""
+    """Squeeze-excitation MLP shared by a group, without state: ``forward(x) -> x * a``
+    (``x * (1 + gate * (a - 1))`` with ``init="identity"``)."""
 
     stateful = False
 
