@@ -34,6 +34,7 @@ import fxattn
 from fxattn.cli import main
 from fxattn.diagnostics import capture_attention
 from fxattn.graph_module import DIA_ROOT
+from fxattn.lowp import LOWP_ATOL, LOWP_RTOL
 from fxattn.modules.dia import DIALSTMCell, SharedSE
 
 Case = tuple[nn.Module, Any]
@@ -214,6 +215,24 @@ def test_identity_init_computes_the_original(
     assert len(before) == len(net.plan.dia_modules)
     for name, gate in before.items():
         assert torch.all(gate == 0) and not torch.equal(after[name], gate), name
+
+
+def test_identity_model_exports_low_precision_and_compiles_for_ort_cpu(tmp_path: Path) -> None:
+    model, x = _tiny()
+    net = fxattn.transform(model.eval(), x, dia=fxattn.DIA(init="identity"), ssia=False)
+    with torch.no_grad():
+        for gate in _gates(net):
+            net.get_submodule(gate).gate.uniform_(0.2, 0.8)  # opened, as after fine-tuning
+    lean = fxattn.strip_ssia(net)
+    report = fxattn.export_onnx(lean, tmp_path / "lean.onnx", x, dia_weights="int8")
+    assert report.verified
+    compiled = fxattn.compile_ort_cpu(tmp_path / "lean.onnx", tmp_path / "lean.b4.onnx",
+                                      batch_size=4)
+    assert compiled.dia_multiplies == len(net.plan.sites)
+    (got,) = _onnx_outputs(tmp_path / "lean.b4.onnx", x)
+    # int8 DIA matrices quantise at run time: fxattn's low-precision tolerance
+    torch.testing.assert_close(torch.from_numpy(got), _forward(lean, x, train=False),
+                               atol=LOWP_ATOL["int8"], rtol=LOWP_RTOL["int8"])
 
 
 @pytest.mark.parametrize("module", ["lstm", "se"])
