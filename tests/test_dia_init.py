@@ -40,6 +40,16 @@ from fxattn.modules.dia import DIALSTMCell, SharedSE
 Case = tuple[nn.Module, Any]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """These models are small: one thread is as fast alone and far faster on a shared machine
+    (the file took 35 s with one thread, 100 s with two, on 2 cores at load 3.5)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _as_if_trained(model: nn.Module) -> nn.Module:
     """Norm layers as training leaves them, not as initialised: timm zero-initialises the last
     BatchNorm of each residual branch (``zero_init_last``), which would make every branch, and
