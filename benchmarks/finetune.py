@@ -31,7 +31,8 @@ Each (task, seed) is one job (pretrain, then every arm), cached as JSON under ``
 interrupted run resumes; jobs run on ``--workers`` single-threaded processes with deterministic
 algorithms.
 
-    python benchmarks/finetune.py                       # full run (~20 min on 2 loaded cores)
+    python benchmarks/finetune.py                       # full run: 27 min measured on 2
+                                                        # cores shared at load average 5-8
     python benchmarks/finetune.py --quick --out /tmp/ft  # smoke run (seconds)
 """
 
