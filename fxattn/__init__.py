@@ -31,6 +31,7 @@ from .errors import (
     VerificationError,
 )
 from .export import ExportReport, OnnxOptimize, export_onnx
+from .finetune import param_groups
 from .modules.graph_module import AttentionGraphModule
 from .scope import ScopePlan
 from .serialization import Checkpoint, load, load_checkpoint, save
@@ -72,6 +73,7 @@ __all__ = [
     "inspect",
     "load",
     "load_checkpoint",
+    "param_groups",
     "save",
     "set_ssia_scale",
     "ssia_loss",

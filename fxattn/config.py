@@ -18,11 +18,13 @@ DIAModuleKind = Literal["lstm", "se"]
 ShareMode = Literal["stage", "channels", "none"]
 MapKind = Literal["spatial", "channel"]
 PairMode = Literal["next", "deepest"]
+DIAInit = Literal["paper", "identity"]
 
 DIA_MODULE_KINDS = ("lstm", "se")
 SHARE_MODES = ("stage", "channels", "none")
 MAP_KINDS = ("spatial", "channel")
 PAIR_MODES = ("next", "deepest")
+DIA_INITS = ("paper", "identity")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -52,6 +54,12 @@ class DIA:
         include / exclude: regexes on a site's module path (``layer1.0``); a site is kept if it
             matches any ``include`` (when given) and no ``exclude``. When the model has no
             residual sites, they select among the stage outputs instead.
+        init: ``"paper"`` (default) multiplies each branch by the cell's ``h`` in (0, 1), as in
+            the paper - right for training from scratch. ``"identity"`` multiplies by
+            ``1 + gate * (h - 1)`` with a per-channel ``gate`` started at 0: the transformed
+            model computes exactly what the original does, so trained weights keep their
+            accuracy, and training opens the gate (use it on pretrained models; see
+            ``docs/finetuning.md``).
         fused: run each site as one fused operator (``torch.ops.fxattn.dia_lstm`` /
             ``dia_se``: one op forward, one backward; Triton kernels on CUDA) - the default.
             ``False`` keeps the decomposed PyTorch graph (debugging, reference). Same
@@ -63,12 +71,14 @@ class DIA:
     share: ShareMode = "stage"
     include: tuple[str, ...] = field(default_factory=tuple)
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    init: DIAInit = "paper"
     fused: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.fused, bool):
             raise ConfigError(f"DIA fused must be True or False, got {self.fused!r}")
         _check_choice("DIA module", self.module, DIA_MODULE_KINDS)
+        _check_choice("DIA init", self.init, DIA_INITS)
         _check_choice("DIA share", self.share, SHARE_MODES)
         if isinstance(self.reduction, bool) or not isinstance(self.reduction, int):
             raise ConfigError(f"DIA reduction must be a positive integer, got {self.reduction!r}")

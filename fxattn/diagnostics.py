@@ -35,7 +35,7 @@ from . import ops
 from .analysis import Plan, Site
 from .capture import ExampleInputs
 from .errors import AnalysisError, NotTransformedError
-from .modules.dia import DIALSTMCell, SharedSE
+from .modules.dia import DIALSTMCell, SharedSE, gated_scale
 from .modules.graph_module import AttentionGraphModule, unwrap
 from .names import DIA_ROOT
 
@@ -163,11 +163,14 @@ def _plan_of(net: nn.Module) -> tuple[nn.Module, Plan, dict[str, Any]]:
 def _attention_hook(
     cell: nn.Module, sink: list[torch.Tensor]
 ) -> tuple[nn.Module, Callable[..., None]]:
-    """Which submodule to hook and how to turn its output into a ``(B, C)`` attention."""
+    """Which submodule to hook and how to turn its output into a ``(B, C)`` attention (the
+    multiplier itself: ``1 + gate * (h - 1)`` for ``DIA(init="identity")``)."""
     if isinstance(cell, DIALSTMCell):
-        return cell, lambda _m, _i, out: sink.append(out[1].detach().float())
+        return cell, lambda _m, _i, out: sink.append(
+            gated_scale(out[1], cell.gate).detach().float())
     if isinstance(cell, SharedSE):
-        return cell.fc, lambda _m, _i, out: sink.append(torch.sigmoid(out).detach().float())
+        return cell.fc, lambda _m, _i, out: sink.append(
+            gated_scale(torch.sigmoid(out), cell.gate).detach().float())
     raise AnalysisError(  # pragma: no cover - every registered DIA module is handled above
         f"no attention capture for DIA module type {type(cell).__name__}"
     )

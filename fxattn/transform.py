@@ -292,7 +292,8 @@ def _build(
         dia_modules = nn.Module()
         for spec in plan.dia_modules:
             module = build_dia_module(dia_cfg.module, spec.channels, dia_cfg.reduction,
-                                      spec.channel_dim, fused=dia_cfg.fused)
+                                      spec.channel_dim, fused=dia_cfg.fused,
+                                      init=dia_cfg.init)
             module.pack_params = len(spec.sites) > 1
             dia_modules.add_module(spec.name, module.to(device=device, dtype=dtype))
         root.add_module(DIA_ROOT, dia_modules)

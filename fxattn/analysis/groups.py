@@ -21,12 +21,14 @@ class DIAModuleSpec:
     parameters: int
 
 
-def dia_module_parameters(kind: str, channels: int, reduction: int) -> int:
-    """Parameter count of one DIA module (the formula of the README / SPEC)."""
+def dia_module_parameters(kind: str, channels: int, reduction: int, init: str = "paper") -> int:
+    """Parameter count of one DIA module (the formula of the README / SPEC); ``init="identity"``
+    adds the ``C`` gate."""
     hidden = channels // reduction
+    gate = channels if init == "identity" else 0
     if kind == "lstm":
-        return 2 * (channels * hidden + hidden + hidden * 4 * channels + 4 * channels)
-    return channels * hidden + hidden + hidden * channels + channels
+        return 2 * (channels * hidden + hidden + hidden * 4 * channels + 4 * channels) + gate
+    return channels * hidden + hidden + hidden * channels + channels + gate
 
 
 CHANNELS_LAST = "channels_last"
@@ -78,7 +80,8 @@ def assign_groups(sites: list[Site], dia: DIA) -> tuple[list[Site], list[DIAModu
             channels=module_shape[name][0],
             channel_dim=module_shape[name][1],
             sites=tuple(indices),
-            parameters=dia_module_parameters(dia.module, module_shape[name][0], dia.reduction),
+            parameters=dia_module_parameters(dia.module, module_shape[name][0], dia.reduction,
+                                             dia.init),
         )
         for name, indices in module_sites.items()
     ]

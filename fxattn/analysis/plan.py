@@ -167,7 +167,8 @@ def render_plan(plan: Plan) -> str:
                 site.module,
             )
         modules = Table(title=f"DIA modules ({plan.dia.module}, r={plan.dia.reduction}, "
-                              f"share={plan.dia.share})", title_justify="left")
+                              f"share={plan.dia.share}, init={plan.dia.init})",
+                        title_justify="left")
         for column in ("module", "channels", "sites", "parameters"):
             modules.add_column(column)
         for spec in plan.dia_modules:
@@ -202,5 +203,15 @@ def render_plan(plan: Plan) -> str:
     if plan.ssia_parameters:
         summary += f"; SSIA (training only) adds {plan.ssia_parameters:,}"
     parts.append(summary)
+    if plan.dia is not None:
+        parts.append(f"DIA init: {plan.dia.init} ({_INIT_MEANING[plan.dia.init]})")
     parts += [f"note: {note}" for note in plan.notes]
     return to_text(*parts)
+
+
+#: what each ``DIA(init=...)`` means, for the plan's text
+_INIT_MEANING = {
+    "paper": "branches multiplied by h in (0, 1) from the start; for training from scratch",
+    "identity": "per-channel gate at 0, the model computes exactly what the original does; "
+                "for trained weights",
+}

@@ -96,6 +96,9 @@ def _add_method_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--module", choices=["lstm", "se"], default="lstm", help="DIA module")
     group.add_argument("--reduction", type=_positive_int, default=4, help="DIA reduction r")
     group.add_argument("--share", choices=["stage", "channels", "none"], default="stage")
+    group.add_argument("--dia-init", choices=["paper", "identity"], default="paper",
+                       help="DIA initialisation: paper (default, training from scratch) or "
+                       "identity (exactly the original model at first; for trained weights)")
     group.add_argument("--include", action="append", default=[],
                        help="regex on module paths: only these sites get DIA (repeatable)")
     group.add_argument("--exclude", action="append", default=[],
@@ -118,7 +121,7 @@ def _methods(args: argparse.Namespace) -> tuple[Any, Any]:
     from ..config import DIA, SSIA
 
     dia = DIA(args.module, args.reduction, args.share, tuple(args.include),
-              tuple(args.exclude)) if args.dia else False
+              tuple(args.exclude), init=args.dia_init) if args.dia else False
     ssia = SSIA(weight=args.ssia_weight, map=args.ssia_map) if args.ssia else False
     return dia, ssia
 

@@ -16,6 +16,14 @@ With ``fused=True`` (the default of :class:`fxattn.DIA`) a site runs as one fuse
 (``torch.ops.fxattn.dia_lstm`` / ``dia_se``, see :mod:`fxattn.ops`) reading the same
 ``nn.Linear`` parameters; the decomposed code below stays the reference, and runs whenever
 :func:`fxattn.ops.fused_enabled` is false (ONNX export, :func:`fxattn.ops.decomposed`).
+
+``init="identity"`` (``fxattn.DIA(init="identity")``, for trained weights) gives each module a
+per-channel ``gate`` started at zero and multiplies by ``1 + gate * (h_t - 1)`` instead of
+``h_t`` (``1 + gate * (a - 1)`` for SE): at insertion every site is an exact identity, so a
+trained model computes what it computed before, yet the gate has a gradient from the first step
+(``d out / d gate = A_t * (h_t - 1)``), as with ReZero / LayerScale / LoRA's zero ``B``. The
+state passed on to the next site stays the paper's ``(h_t, c_t)``. ``init="paper"`` (the
+default) has no ``gate``: the paper's math and state_dict keys, unchanged.
 """
 
 from __future__ import annotations
@@ -60,15 +68,40 @@ def _linear_params(mlp: nn.Sequential) -> tuple[torch.Tensor, ...]:
     return first.weight, first.bias, second.weight, second.bias
 
 
+def gated_scale(weights: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The multiplier: the paper's ``weights``, or ``1 + gate * (weights - 1)`` with a gate.
+
+    ``addcmul(1 - gate, gate, weights)`` is one fused elementwise op on ``(B, C)`` (``1 - gate``
+    is a constant once exported); with ``gate == 0`` it is exactly 1.
+    """
+    if gate is None:
+        return weights
+    return torch.addcmul(1 - gate, gate, weights)
+
+
+def _identity_gate(module: nn.Module, channels: int, init: str) -> None:
+    """Register ``gate`` (zeros, ``(C,)``) for ``init="identity"``; none for ``"paper"``."""
+    if init == "identity":
+        module.gate = nn.Parameter(torch.zeros(channels))
+    elif init == "paper":
+        module.gate = None
+    else:
+        raise ValueError(f"unknown DIA init {init!r}")  # fxattn.DIA validates it first
+
+
 def _mlp(channels: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, out))
 
 
 class DIALSTMCell(nn.Module):
-    """The DIA-LSTM cell. ``forward(x, h=None, c=None) -> (x * h_t, h_t, c_t)``."""
+    """The DIA-LSTM cell. ``forward(x, h=None, c=None) -> (x * h_t, h_t, c_t)``; with
+    ``init="identity"`` the first output is ``x * (1 + gate * (h_t - 1))``."""
+
+    gate: nn.Parameter | None
 
     def __init__(
-        self, channels: int, reduction: int = 4, channel_dim: int = 1, fused: bool = True
+        self, channels: int, reduction: int = 4, channel_dim: int = 1, fused: bool = True,
+        init: str = "paper",
     ) -> None:
         super().__init__()
         hidden = channels // reduction
@@ -78,6 +111,7 @@ class DIALSTMCell(nn.Module):
         self.pack_params = True  # False when the cell serves one site (nothing to share)
         self.input_path = _mlp(channels, hidden, 4 * channels)
         self.hidden_path = _mlp(channels, hidden, 4 * channels)
+        _identity_gate(self, channels, init)
 
     def forward(
         self, x: torch.Tensor, h: torch.Tensor | None = None, c: torch.Tensor | None = None
@@ -94,7 +128,8 @@ class DIALSTMCell(nn.Module):
         i, f, g, o = gates.chunk(4, dim=1)
         c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_next = torch.sigmoid(o) * torch.sigmoid(c_next)
-        return x * _broadcastable(h_next, x, self.channel_dim), h_next, c_next
+        scale = gated_scale(h_next, self.gate)
+        return x * _broadcastable(scale, x, self.channel_dim), h_next, c_next
 
     def _fused_forward(
         self, x: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor | CarriedState | None
@@ -113,36 +148,42 @@ class DIALSTMCell(nn.Module):
               and any(p.requires_grad for p in params)):
             packed = ops.dia_pack(params)
         out, h_next, c_next = ops.dia_lstm(x, h, c, params if packed is None else [packed],
-                                           getattr(self, "gate", None), self.channel_dim)
+                                           self.gate, self.channel_dim)
         return out, h_next, c_next if packed is None else CarriedState(c_next, packed)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, channel_dim={self.channel_dim}, fused={self.fused}"
+        init = ", init=identity" if self.gate is not None else ""
+        return f"channels={self.channels}, channel_dim={self.channel_dim}{init}, fused={self.fused}"
 
 
 class SharedSE(nn.Module):
-    """Squeeze-excitation MLP shared by a group, without state: ``forward(x) -> x * a``."""
+    """Squeeze-excitation MLP shared by a group, without state: ``forward(x) -> x * a``
+    (``x * (1 + gate * (a - 1))`` with ``init="identity"``)."""
 
     stateful = False
 
+    gate: nn.Parameter | None
+
     def __init__(
-        self, channels: int, reduction: int = 4, channel_dim: int = 1, fused: bool = True
+        self, channels: int, reduction: int = 4, channel_dim: int = 1, fused: bool = True,
+        init: str = "paper",
     ) -> None:
         super().__init__()
         self.channels = channels
         self.channel_dim = channel_dim
         self.fused = fused
         self.fc = _mlp(channels, channels // reduction, channels)
+        _identity_gate(self, channels, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and ops.fused_enabled():
-            return ops.dia_se(x, *_linear_params(self.fc), getattr(self, "gate", None),
-                              self.channel_dim)
-        weights = torch.sigmoid(self.fc(_descriptor(x, self.channel_dim)))
+            return ops.dia_se(x, *_linear_params(self.fc), self.gate, self.channel_dim)
+        weights = gated_scale(torch.sigmoid(self.fc(_descriptor(x, self.channel_dim))), self.gate)
         return x * _broadcastable(weights, x, self.channel_dim)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, channel_dim={self.channel_dim}, fused={self.fused}"
+        init = ", init=identity" if self.gate is not None else ""
+        return f"channels={self.channels}, channel_dim={self.channel_dim}{init}, fused={self.fused}"
 
 
 DIALSTMCell.stateful = True  # type: ignore[attr-defined]
@@ -152,6 +193,7 @@ DIA_MODULES: dict[str, type[nn.Module]] = {"lstm": DIALSTMCell, "se": SharedSE}
 
 
 def build_dia_module(
-    kind: str, channels: int, reduction: int, channel_dim: int, fused: bool = True
+    kind: str, channels: int, reduction: int, channel_dim: int, fused: bool = True,
+    init: str = "paper",
 ) -> nn.Module:
-    return DIA_MODULES[kind](channels, reduction, channel_dim, fused)
+    return DIA_MODULES[kind](channels, reduction, channel_dim, fused=fused, init=init)
