@@ -10,7 +10,7 @@ detector's own training signature:
     strip       fxattn.strip_ssia(net): lean(images) == net.eval()(images), bitwise
     export      the whole lean detector to ONNX (fxattn.export.detector.export_detector)
     parity      onnxruntime vs PyTorch detections on two sets of image sizes (the matching
-                rule of fxattn.detection, score threshold 0.05)
+                rule of fxattn.export.detection, score threshold 0.05)
 
 Where the whole detector does not export, the record says whether torch.onnx exports the
 original detector either, and whether the transformed parts exported and verified.

@@ -141,7 +141,7 @@ class SSIA:
         return asdict(self)
 
 
-#: Verification defaults of :func:`fxattn.export_onnx` (the evidence: :mod:`fxattn.verify`).
+#: Verification defaults of :func:`fxattn.export_onnx` (the evidence: :mod:`fxattn.export.verify`).
 DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 1e-5
 # onnxruntime's float32 matmuls may round worse than PyTorch's own: on an AVX-512 Intel Xeon its

@@ -201,7 +201,7 @@ class BenchmarkResult:
             return []
         bandwidth = next(iter(next(iter(self.cost.values())).values())).bandwidth_gb_s
         lines = [
-            "", f"DIA's cost account (onnxruntime; see `fxattn.cost`): memory bandwidth "
+            "", f"DIA's cost account (onnxruntime; see `fxattn.bench.cost`): memory bandwidth "
             f"{bandwidth:.1f} GB/s (tensor copy, measured in this run); lower bound = (DIA "
             "matrix bytes + extra activation bytes) / bandwidth; traffic limit = (DIA matrix "
             "bytes + one extra write and read of every branch output) / bandwidth, what no "

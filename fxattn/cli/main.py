@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "precisions, e.g. int4,int8,fp16 (onnxruntime only)")
     p.add_argument("--unoptimized", action="store_true",
                    help="also time the lean model exported without the exact DIA rewrites "
-                        "of fxattn.onnx_optimize (lean-noopt)")
+                        "of fxattn.export.optimize (lean-noopt)")
     p.add_argument("--spinning", action="store_true",
                    help="time onnxruntime with its default spinning worker threads, one live "
                         "session at a time in alternating blocks (default: interleaved "

@@ -64,7 +64,7 @@ class MatchReport:
     max_score_error: float = 0.0
     max_extra_error: float = 0.0
     problems: list[str] = field(default_factory=list)
-    # set when the float64 rule judged the detections (see fxattn.export_detection): how many
+    # set when the float64 rule judged the detections (see fxattn.export.detector): how many
     # problems PyTorch's own float32 detections have against a float64 run, and onnxruntime's
     float64_own_problems: int | None = None
     float64_problems: int | None = None

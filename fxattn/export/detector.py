@@ -10,7 +10,7 @@ The ONNX graph takes one input per image (``image_0``, ``image_1``, ...; height 
 are dynamic, the number of images is fixed by the example) and returns the flattened
 detections (``boxes``, ``labels``, ``scores``, ... per image). Verification runs PyTorch and
 onnxruntime on fresh random images at two sets of sizes and compares the detections with
-the rule of :mod:`fxattn.detection` (per-element comparison is meaningless: near-equal
+the rule of :mod:`fxattn.export.detection` (per-element comparison is meaningless: near-equal
 scores come out of NMS in either order).
 
 When the whole detector cannot be exported, the transformed parts of a scoped model (the
@@ -227,7 +227,7 @@ def verify_detections(
                      f"{report.float64_problems} problem(s), PyTorch's own float32 "
                      f"{report.float64_own_problems}, so this is not rounding")
         raise VerificationError(
-            f"{text}; see fxattn.detection for the matching rule and its tolerances"
+            f"{text}; see fxattn.export.detection for the matching rule and its tolerances"
         )
     return report
 
@@ -301,7 +301,7 @@ def export_detector(
             (lower precision moves scores by more than the rule's float32 tolerances, and
             with them which boxes NMS keeps); the transformed parts, exported the same way,
             are verified elementwise with that mode's tolerance.
-        optimize: the exact DIA rewrites of :mod:`fxattn.onnx_optimize`, as in
+        optimize: the exact DIA rewrites of :mod:`fxattn.export.optimize`, as in
             :func:`fxattn.export_onnx` (on by default); the detections are matched after them.
 
     Raises:

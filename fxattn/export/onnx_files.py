@@ -1,7 +1,7 @@
 """ONNX model files on disk: a model over 2 GB keeps its weights in ``<name>.data`` beside it.
 
 That is the layout onnxruntime and ``onnx.load`` expect. The export writes it, the low-precision
-rewrite (:mod:`fxattn.lowp`) rewrites it in place, and both report the bytes of both files.
+rewrite (:mod:`fxattn.export.lowp`) rewrites it in place, and both report the bytes of both files.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def fold_initial_state(
     ``(1, N)`` that broadcasts over the batch in the ``Add`` that follows. Returns the number of
     nodes removed. ``check=False`` leaves ``onnx.checker`` to the caller (it serialises the
     whole model); ``seeds`` limits the zeros folded to those made by nodes it accepts
-    (``fxattn.onnx_optimize`` passes DIA's own, so zeros elsewhere in a model, whose
+    (``fxattn.export.optimize`` passes DIA's own, so zeros elsewhere in a model, whose
     broadcasts the fold does not track, stay as they are).
     """
     import onnx
