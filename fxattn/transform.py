@@ -254,6 +254,17 @@ def transform(
             parts. A scoped result is a copy of ``model`` (its own class) with those parts
             replaced; ``net.fxattn_scope`` says which and why (see :mod:`fxattn.scope`).
 
+    Hugging Face language models as ``from_pretrained`` / ``from_config`` give them (the
+    key/value cache on): when ``forward`` takes ``use_cache`` and ``example_inputs`` leaves it
+    out, the model is captured with ``use_cache=False`` - a training graph never needs the
+    cache - and ``net.plan.notes`` says so (``net.plan.fixed_arguments`` records it); no
+    config is edited. ``net`` accepts ``use_cache`` left out, ``None`` or ``False``, and
+    refuses ``use_cache=True`` with an :class:`~fxattn.errors.InputError` (it has no cache to
+    return). Put ``labels`` in the example to train on the model's own loss (with
+    ``SSIA(attach=True)`` inside ``Trainer``), then export for the inference inputs:
+    ``fxattn.export_onnx(net, path, {"input_ids": ids, "attention_mask": mask})`` captures the
+    lean graph again for them (see :func:`strip_ssia`).
+
     Example::
 
         >>> net = fxattn.transform(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))

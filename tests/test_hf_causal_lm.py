@@ -1,13 +1,14 @@
 """Hugging Face language models as users load them: the cache on, labels in training, logits out.
 
-Models outside the zoo's lists (``benchmarks/zoo_coverage.py``), each from its default config
-with only the size cut (layers, widths, vocabulary) and ``use_cache`` left at its default
-(``True``): ``fxattn.transform`` captures them with the cache off by itself (the plan says
-so), one step of Hugging Face ``Trainer`` trains them with ``SSIA(attach=True)`` on
-``labels`` in the inputs, and ``fxattn.export_onnx`` exports the lean graph for inference
-inputs (no labels), captured again with the trained DIA weights and verified in onnxruntime.
-Then the errors: ``use_cache=True`` on a model captured without it, and a forward that
-returns a type no graph carries.
+Models outside the zoo's lists (``benchmarks/zoo_coverage.py``) - OPT and GPT-NeoX causal LMs,
+BART as the encoder-decoder - each from its default config with only the size cut (layers,
+widths, vocabulary) and ``use_cache`` left at its default (``True``). ``fxattn.transform``
+captures them with the cache off by itself (the plan says so; the config is not touched), one
+step of Hugging Face ``Trainer`` trains them with ``SSIA(attach=True)`` on ``labels`` in the
+inputs, and the export takes inference inputs (no labels): the lean graph is captured again
+with the trained DIA weights (same ``fxattn_dia.*`` keys) and verified in onnxruntime.
+Then the errors: ``use_cache=True`` on a model captured without it, a lean graph asked for
+other inputs, and a forward that returns a type no graph carries (a cache, a plain class).
 """
 
 from __future__ import annotations
