@@ -176,6 +176,8 @@ HF_MODELS = (
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
     "MistralForCausalLM",
+    "PhiForCausalLM",
+    "GemmaForCausalLM",
     # audio (a raw waveform in)
     "Wav2Vec2ForSequenceClassification",
 )
@@ -184,9 +186,10 @@ HF_MODELS = (
 HF_SMALL_IMAGE = ("ResNet", "ConvNext", "RegNet", "MobileNetV2", "EfficientNet", "Bit",
                   "PoolFormer", "Segformer")
 # Decoder LLMs' default configs are 7B-wide; a 2-layer slice still has ~0.5B parameters in its
-# embeddings, so their width is cut too (the block structure is the default config's).
+# embeddings, so their width (and the head width that goes with it) and vocabulary are cut too
+# (the block structure is the default config's).
 HF_NARROW = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": 1000}
+             "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000}
 
 
 def torchvision_module_models(family: str, module: str) -> list[str]:
@@ -417,34 +420,37 @@ def _build_ultralytics(cfg: str) -> tuple[Any, Any, str]:
 
 
 def _build_transformers(name: str) -> tuple[Any, Any, str]:
-    """A transformers model from its default config (no download), shortened to 2 layers.
+    """A transformers model from its default config (no download), made small.
 
-    The architecture is the default config's; only the depth is cut (and the KV cache switched
-    off, which a training step does not use) to keep the run short on a CPU, plus the width of
-    decoder LLMs (:data:`HF_NARROW`).
+    The config is the default one with its size cut and nothing else, as a user who loads the
+    model with ``from_config`` gets it - the key/value cache left on (``use_cache=True``, which
+    fxattn switches off for the capture by itself): the depth is cut to 2 layers to keep the run
+    short on a CPU, and decoder LLMs are narrowed too (:data:`HF_NARROW`). Causal LMs are
+    trained as users train them: ``labels`` in the inputs (the loss is the model's own) and an
+    ``attention_mask``, inside ``Trainer`` (:func:`_hf_trainer_step`), then exported from
+    ``input_ids`` / ``attention_mask`` to logits.
     """
     import torch
     import transformers
 
     cls = getattr(transformers, name)
-    config = cls.config_class()
+    default = cls.config_class()
+    sizes: dict[str, Any] = {}
     for attr in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
-        if hasattr(config, "depths"):
+        if hasattr(default, "depths"):
             break  # staged models (ConvNeXt, Swin, ResNet): num_hidden_layers is derived
-        if isinstance(getattr(config, attr, None), int):
-            setattr(config, attr, 2)
+        if isinstance(getattr(default, attr, None), int):
+            sizes[attr] = 2  # depth: CPU time
     if name.endswith("ForCausalLM"):
-        for attr, value in HF_NARROW.items():
-            if hasattr(config, attr):
-                setattr(config, attr, value)
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
+        sizes.update({attr: value for attr, value in HF_NARROW.items() if hasattr(default, attr)})
     # Training-time randomness decided in Python, outside any graph, which no tracer can
     # capture: Wav2Vec2's SpecAugment draws its masks with numpy, and LayerDrop skips whole
-    # layers on a coin flip (`if torch.rand([]) < layerdrop`). Both are off at inference.
+    # layers on a coin flip (`if torch.rand([]) < layerdrop`). Both are off at inference; a user
+    # sets them to 0 for the transform as fxattn's TraceError asks ("make that decision fixed").
     for attr in ("mask_time_prob", "layerdrop"):
-        if hasattr(config, attr):
-            setattr(config, attr, 0.0)
+        if getattr(default, attr, None):
+            sizes[attr] = 0.0
+    config = cls.config_class(**sizes)  # derived fields (head_dim, layer_types) follow
     torch.manual_seed(0)
     model = cls(config)
     vocab = getattr(config, "vocab_size", None)
@@ -459,7 +465,52 @@ def _build_transformers(name: str) -> tuple[Any, Any, str]:
         inputs = {"pixel_values": torch.randn(2, channels, size, size)}
         return model, inputs, f"pixel_values 2x{channels}x{size}x{size}"
     ids = torch.randint(0, int(vocab or 1000), (2, 16))
+    if is_causal_lm(f"transformers:{name}"):
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        return model, inputs, "input_ids, attention_mask, labels 2x16 int64"
     return model, {"input_ids": ids}, "input_ids 2x16 int64"
+
+
+def is_causal_lm(model_id: str) -> bool:
+    """A decoder LLM row: trained in ``Trainer`` with labels, exported logits-only."""
+    return model_id.startswith("transformers:") and model_id.endswith(
+        ("ForCausalLM", "LMHeadModel"))
+
+
+def _hf_trainer_step(net: Any, inputs: dict[str, Any]) -> float:
+    """One step of Hugging Face ``Trainer`` on the example batch; the logged SSIA value.
+
+    ``net`` was transformed with ``SSIA(attach=True)`` and ``labels`` in its inputs, so the
+    Trainer's own loss (the model's ``outputs.loss``) carries the SSIA term: nothing in the
+    loop mentions it. ``fxattn.log_ssia`` logs its value beside the loss.
+    """
+    import torch
+    import transformers
+
+    import fxattn
+
+    batch = int(inputs["input_ids"].shape[0])
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return batch
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {key: value[i] for key, value in inputs.items()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = transformers.TrainingArguments(
+            tmp, per_device_train_batch_size=batch, max_steps=1, optim="sgd",
+            learning_rate=0.01, max_grad_norm=1.0, report_to=[], use_cpu=True,
+            save_strategy="no", dataloader_num_workers=0, disable_tqdm=True, logging_steps=1,
+            seed=0)
+        trainer = transformers.Trainer(model=net, args=args, train_dataset=Rows())
+        fxattn.log_ssia(trainer)
+        trainer.train()
+    (log,) = [entry for entry in trainer.state.log_history if "loss" in entry]
+    if not math.isfinite(log["loss"]):
+        raise FloatingPointError(f"loss is not finite: {log['loss']}")
+    return float(log["ssia_loss"])
 
 
 # --------------------------------------------------------------------------- task losses (child)
@@ -651,8 +702,10 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
             record["plain_fx"] = False
 
         stage = "trace"
+        lm = is_causal_lm(model_id)  # SSIA attached to the model's own loss, for Trainer
         try:
-            net = fxattn.transform(model, inputs, dia=True, ssia=True)
+            net = fxattn.transform(model, inputs, dia=True,
+                                   ssia=fxattn.SSIA(attach=True) if lm else True)
         except TraceError:
             raise
         except (AnalysisError, ConfigError, InputError):
@@ -664,30 +717,29 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
         plan = net.plan
         record.update(tracer=plan.tracer, sites=len(plan.sites), taps=len(plan.taps),
                       pairs=len(plan.active_pairs), dia_parameters=plan.dia_parameters)
+        if plan.fixed_arguments:
+            record["captured_with"] = dict(plan.fixed_arguments)
 
         stage = "train"
-        loss_of = task_loss(model_id, model, inputs)
-        net.train()
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
-        out = _call(net, inputs)
-        task = loss_of(out)
-        ssia = fxattn.ssia_loss(net)
-        loss = task + ssia
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is not finite: {loss.item()}")
-        loss.backward()
-        # random-weight models can have huge outputs (MobileOne's reach 1e5): clip as training
-        # recipes do, so one step does not turn the weights into noise before the checks
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        record["ssia_loss"] = float(ssia.detach())
+        if lm:
+            record["trainer"] = "transformers.Trainer"
+            record["ssia_loss"] = _hf_trainer_step(net, inputs)
+        else:
+            record["ssia_loss"] = _sgd_step(net, task_loss(model_id, model, inputs), inputs)
 
         stage = "strip"
-        lean = fxattn.strip_ssia(net)
+        training_inputs = inputs
+        if lm:  # deployment: logits from input_ids / attention_mask, no labels
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            lean = fxattn.strip_ssia(net, example_inputs=inputs)
+            record["export_inputs"] = sorted(inputs)
+        else:
+            lean = fxattn.strip_ssia(net)
         net.eval()
         with torch.no_grad():
-            expected = _float_leaves(_call(net, inputs))
+            out = _call(net, training_inputs)
+            # the training signature's output also holds the loss: compare the logits
+            expected = [out.logits] if lm else _float_leaves(out)
             got = _float_leaves(_call(lean, inputs))
         if len(got) != len(expected) or not all(
             torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(got, expected, strict=True)
@@ -696,7 +748,7 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
         record["ssia_nodes_removed"] = lean.meta["fxattn_strip"].removed_nodes
         # the training model, its gradients and the optimizer are done with: free them before
         # the export and the verification (the largest models need the memory)
-        del net, optimizer, out, task, ssia, loss
+        del net
 
         stage = "export"
         with tempfile.TemporaryDirectory() as tmp:
@@ -736,6 +788,28 @@ def run_pipeline(model_id: str) -> dict[str, Any]:
     record["stage"] = stage
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
+
+
+def _sgd_step(net: Any, loss_of: Callable[[Any], Any], inputs: Any) -> float:
+    """One SGD step on the task loss plus ``fxattn.ssia_loss``; the SSIA value."""
+    import torch
+
+    import fxattn
+
+    net.train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    task = loss_of(_call(net, inputs))
+    ssia = fxattn.ssia_loss(net)
+    loss = task + ssia
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is not finite: {loss.item()}")
+    loss.backward()
+    # random-weight models can have huge outputs (MobileOne's reach 1e5): clip as training
+    # recipes do, so one step does not turn the weights into noise before the checks
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+    return float(ssia.detach())
 
 
 def _perturbation_check(

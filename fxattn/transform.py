@@ -9,6 +9,7 @@ with DIA, as a lean ``torch.fx.GraphModule``). Neither touches the model it is g
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from .capture import (
     propagate_shapes,
     trace_dual,
 )
+from .capture.signature import capture_note
 from .config import DIA, SSIA, resolve_dia, resolve_ssia
 from .errors import (
     AlreadyTransformedError,
@@ -36,9 +38,15 @@ from .errors import (
 )
 from .modules.attach import SSIAAttach
 from .modules.dia import DIALSTMCell, SharedSE, build_dia_module
-from .modules.graph_module import AttentionGraphModule, TransformInfo, interface_class, unwrap
+from .modules.graph_module import (
+    AttentionGraphModule,
+    TransformInfo,
+    interface_class,
+    original_module,
+    unwrap,
+)
 from .modules.ssia import PairSpec, SSIALoss, TapSpec
-from .names import DIA_ROOT, SSIA_ROOT
+from .names import DIA_ROOT, FXATTN_META, SSIA_ROOT
 from .passes import insert_dia, insert_ssia, strip_pass
 from .scope import (
     SCOPE_ATTR,
@@ -111,6 +119,10 @@ class _Prepared:
             for plan in (self.train_plan, self.eval_plan):
                 plan.fixed_batch = self.graphs.fixed_batch
                 plan.notes.append(_fixed_batch_note(self.graphs.fixed_batch))
+        if self.graphs.fixed_arguments:
+            for plan in (self.train_plan, self.eval_plan):
+                plan.fixed_arguments = dict(self.graphs.fixed_arguments)
+                plan.notes.append(capture_note(self.graphs.fixed_arguments))
         train_keys = [s.key for s in self.train_plan.sites]
         eval_keys = [s.key for s in self.eval_plan.sites]
         if train_keys != eval_keys and dia is not None and all(
@@ -241,6 +253,17 @@ def transform(
             FPN); a module path (``"backbone"``) or a list of paths transforms just those
             parts. A scoped result is a copy of ``model`` (its own class) with those parts
             replaced; ``net.fxattn_scope`` says which and why (see :mod:`fxattn.scope`).
+
+    Hugging Face language models as ``from_pretrained`` / ``from_config`` give them (the
+    key/value cache on): when ``forward`` takes ``use_cache`` and ``example_inputs`` leaves it
+    out, the model is captured with ``use_cache=False`` - a training graph never needs the
+    cache - and ``net.plan.notes`` says so (``net.plan.fixed_arguments`` records it); no
+    config is edited. ``net`` accepts ``use_cache`` left out, ``None`` or ``False``, and
+    refuses ``use_cache=True`` with an :class:`~fxattn.errors.InputError` (it has no cache to
+    return). Put ``labels`` in the example to train on the model's own loss (with
+    ``SSIA(attach=True)`` inside ``Trainer``), then export for the inference inputs:
+    ``fxattn.export_onnx(net, path, {"input_ids": ids, "attention_mask": mask})`` captures the
+    lean graph again for them (see :func:`strip_ssia`).
 
     Example::
 
@@ -516,18 +539,48 @@ def set_ssia_scale(net: nn.Module, scale: float) -> None:
     attach.state.scale = float(scale)
 
 
-def strip_ssia(net: nn.Module) -> nn.Module:
+def strip_ssia(
+    net: nn.Module,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+    autowrap_functions: Sequence[Callable[..., Any]] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> nn.Module:
     """The lean inference model: ``net``'s evaluation graph with DIA and without SSIA.
 
     Returns a new ``torch.fx.GraphModule`` in eval mode (``net`` is untouched) whose
     ``state_dict`` keys are the original model's plus ``fxattn_dia.*``; the strip report is
     in ``lean.meta["fxattn_strip"]``.
 
+    Without ``example_inputs`` the lean graph takes what ``net`` was transformed with - its
+    *training* signature. A model trained with its targets among the inputs (a language model's
+    ``labels``, whose loss the graph computes) then wants them at inference too. Pass the
+    inference inputs instead (``example_inputs={"input_ids": ids, "attention_mask": mask}``)
+    and the evaluation graph is captured again for them: the original ``forward`` (the model's
+    own class, over ``net``'s trained submodules) is captured in eval mode, DIA is inserted at
+    the same sites, and ``net``'s trained ``fxattn_dia.*`` tensors are loaded into it - the
+    same keys and shapes, checked (:class:`~fxattn.errors.AnalysisError` if the sites or DIA
+    modules differ). So a causal LM trained with ``labels`` gives a lean graph from
+    ``input_ids`` / ``attention_mask`` to logits; :func:`fxattn.export_onnx` does this by
+    itself when given a training module and inputs its lean graph does not take.
+    ``leaf_modules`` / ``autowrap_functions`` / ``concrete_args`` are the tracing help of
+    :func:`transform`, for that capture.
+
+    Example::
+
+        >>> net = fxattn.transform(lm, {"input_ids": ids, "labels": ids}, ssia=SSIA(attach=True))
+        >>> ...  # train
+        >>> lean = fxattn.strip_ssia(net, example_inputs={"input_ids": ids})
+        >>> lean(input_ids=ids).logits.shape
+        torch.Size([2, 16, 50257])
+
     For a scoped model (a detector whose backbone was transformed) it returns a copy of the
     model, of its own class, whose transformed parts are lean ``torch.fx.GraphModule``
     s (``lean.backbone``); the rest (pre- and post-processing) is the original code, so
     ``lean(images)`` returns the detector's own output. ``lean.fxattn_scope.stripped`` is
-    ``True``.
+    ``True``. (``example_inputs`` is for whole-model transforms: a scoped model's parts keep
+    the inputs they were captured with.)
     """
     info = scope_info(unwrap(net))
     if info is not None:
@@ -536,6 +589,68 @@ def strip_ssia(net: nn.Module) -> nn.Module:
                 "strip_ssia needs a module returned by fxattn.transform; this scoped model "
                 "is already stripped (lean)"
             )
+        if example_inputs is not None:
+            raise InputError(
+                "strip_ssia(example_inputs=...) captures a whole-model transform again; a "
+                "scoped model's parts keep the inputs they were captured with: call "
+                "strip_ssia(net) without example_inputs"
+            )
         return strip_scoped(unwrap(net), lambda part: strip_pass(part)[0])
-    lean, _ = strip_pass(_fxattn_module(net, "strip_ssia"))
+    module = _fxattn_module(net, "strip_ssia")
+    if example_inputs is None:
+        return strip_pass(module)[0]
+    options = _trace_options(leaf_modules, autowrap_functions, concrete_args)
+    return _recaptured_lean(module, example_inputs, options)
+
+
+def _recaptured_lean(
+    net: AttentionGraphModule, example_inputs: Any, options: TraceOptions
+) -> torch.fx.GraphModule:
+    """The lean graph of ``net`` captured again for ``example_inputs`` (see :func:`strip_ssia`).
+    """
+    trained = net.fxattn_info
+    dia_cfg = resolve_dia(trained.dia)
+    original = original_module(net)  # shares net's trained submodules; _Prepared copies it
+    original.eval()
+    prepared = _Prepared(original, example_inputs, dia_cfg, None, options)
+    rebuilt = _build(original, prepared, dia_cfg, None)
+    loaded = _load_trained_dia(rebuilt, net)
+    lean, report = strip_pass(rebuilt)
+    ssia = getattr(net, SSIA_ROOT, None)
+    lean.meta["fxattn_strip"] = dataclasses.replace(
+        report,
+        removed_nodes=sum(1 for n in net.train_graph.nodes if n.meta.get(FXATTN_META) == "ssia"),
+        removed_parameters=count_parameters(ssia) if ssia is not None else 0,
+    )
+    names = ", ".join(prepared.inputs.kwargs) or f"{len(prepared.inputs.args)} positional"
+    lean.meta["fxattn_info"].plan.notes.append(
+        f"lean graph captured again for the inputs given ({names}); its {loaded} DIA tensors "
+        f"are the training module's (same fxattn_dia.* keys and sites)"
+    )
     return lean
+
+
+def _load_trained_dia(rebuilt: AttentionGraphModule, net: AttentionGraphModule) -> int:
+    """Load ``net``'s DIA tensors into ``rebuilt`` after checking both have DIA at the same
+    sites, in the same modules; returns how many tensors were loaded."""
+    def sites(plan: Plan) -> list[tuple[str, int, int]]:
+        return [(site.key, site.group, site.channels) for site in plan.sites]
+
+    if sites(rebuilt.plan) != sites(net.plan):
+        raise AnalysisError(
+            f"the graph captured for the inputs given has DIA at {len(rebuilt.plan.sites)} "
+            f"sites, the training module at {len(net.plan.sites)} (or at others): the inputs "
+            "take another path through the model; export with the training inputs, or "
+            "transform the original model with these inputs and load net's state_dict"
+        )
+    prefix = DIA_ROOT + "."
+    want = {k: v for k, v in net.state_dict().items() if k.startswith(prefix)}
+    have = {k for k in rebuilt.state_dict() if k.startswith(prefix)}
+    if set(want) != have:
+        raise AnalysisError(
+            f"the DIA modules of the graph captured for the inputs given differ from the "
+            f"training module's: missing {sorted(set(want) - have)[:3]}, new "
+            f"{sorted(have - set(want))[:3]}"
+        )
+    rebuilt.load_state_dict(want, strict=False)  # shapes are checked by load_state_dict
+    return len(want)

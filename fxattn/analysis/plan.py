@@ -37,6 +37,9 @@ class Plan:
     # set when torch.export could only capture the model at this batch size (see
     # fxattn.capture.DualGraphs.fixed_batch): the transformed model and its export take it only
     fixed_batch: int | None = None
+    # forward() arguments the capture fixed (``{"use_cache": False}`` for a language model whose
+    # example leaves the cache out, see fxattn.capture.signature); the model refuses others
+    fixed_arguments: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dia_parameters(self) -> int:

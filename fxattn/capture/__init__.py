@@ -9,7 +9,10 @@ gives (graphs with shapes recorded on their nodes) are all the later steps see o
   registries, symbolic tracing and its failure messages, :data:`TRACE_LOCK`;
 - :mod:`.dual` - :func:`trace_dual` (training and evaluation graphs, ``torch.fx`` first and
   ``torch.export`` as the fallback) and :class:`DualGraphs`;
-- :mod:`.shapes` - :func:`propagate_shapes` (``tensor_meta`` on every node).
+- :mod:`.shapes` - :func:`propagate_shapes` (``tensor_meta`` on every node);
+- :mod:`.signature` - the ``forward()`` arguments the capture fixes (unused optional ones
+  at their defaults; ``use_cache=False`` for a language model whose example leaves the cache
+  out) and the error for an output type no graph can carry.
 """
 
 from .dual import DualGraphs, export_dual, trace_dual

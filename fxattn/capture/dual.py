@@ -16,7 +16,9 @@ the export failure appended.
 
 Forward arguments the example leaves at a ``None`` / bool default are fixed at that default
 for the symbolic trace (``concrete_args``), so optional branches are traced the way the
-model is actually called.
+model is actually called; a Hugging Face model's key/value cache is switched off for the
+capture (``use_cache=False``, :mod:`fxattn.capture.signature`), as a training graph never
+needs it.
 
 Example::
 
@@ -30,10 +32,9 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +44,12 @@ from torch import nn
 from ..errors import TraceError, first_line
 from .inputs import ExampleInputs
 from .shapes import silenced, stderr_kept_on_success
+from .signature import (
+    bound_forward,
+    capture_defaults,
+    describe_output_type,
+    with_unused_defaults,
+)
 from .tracer import TRACE_LOCK, TraceOptions, symbolic_trace
 
 _NO_OPTIONS = TraceOptions()  # the default: only the zoo registries
@@ -59,6 +66,9 @@ class DualGraphs:
     # The batch size torch.export specialised the graphs to, when it could not keep the batch
     # dynamic (a shape guard in the model's code it cannot prove for every batch size).
     fixed_batch: int | None = None
+    # forward() arguments the capture fixed (:data:`fxattn.capture.signature.CAPTURE_DEFAULTS`:
+    # ``use_cache=False`` where the example leaves the cache out); the graphs take them no more
+    fixed_arguments: dict[str, Any] = field(default_factory=dict)
 
 
 def trace_dual(
@@ -73,62 +83,52 @@ def trace_dual(
     keeps them readable. Where it fails (data-dependent control flow, HF transformers models),
     the model is captured with ``torch.export`` instead (see :func:`export_dual`), and
     :attr:`DualGraphs.tracer` says which one served. When both fail, the ``torch.fx`` error
-    (which names the module and line) is raised, with the export failure appended.
+    (which names the module and line) is raised, with the export failure appended; when
+    ``forward`` returns a type no graph can carry (a key/value cache object), the error says
+    which type and which option fixes it.
+
+    Arguments the example leaves out are fixed for the capture (see
+    :mod:`fxattn.capture.signature`): unused optional ones at their defaults, and
+    ``use_cache=False`` where ``forward`` takes ``use_cache`` (recorded in
+    :attr:`DualGraphs.fixed_arguments`).
 
     ``model`` should already be the caller's private copy: tracing itself does not change
     parameters, but the returned GraphModules share its submodules.
     """
     with TRACE_LOCK:
+        fixed = capture_defaults(model, inputs, options)
         try:
-            return _symbolic_dual(model, _with_unused_defaults(model, inputs, options))
+            graphs = _symbolic_dual(model, with_unused_defaults(model, inputs, options, fixed))
         except TraceError as fx_error:
             if not export_fallback:
                 raise
             try:
                 with silenced("torch.fx.experimental.symbolic_shapes", "torch._export",
-                               "torch.export", "torch._dynamo"), stderr_kept_on_success():
-                    return export_dual(model, inputs)
+                              "torch.export", "torch._dynamo"), stderr_kept_on_success(), \
+                        bound_forward(model, fixed):
+                    graphs = export_dual(model, inputs)
             except Exception as export_error:  # noqa: BLE001 - report both tracers' failures
-                hint = ""
-                if "data-dependent" in str(export_error):
-                    hint = (
-                        "; the model branches in Python on a tensor's value, e.g. a random "
-                        "draw deciding whether to skip a layer in training (LayerDrop): make "
-                        "that decision fixed (layerdrop=0) for the transform"
-                    )
-                raise TraceError(
-                    f"{fx_error} (the torch.export fallback failed too: "
-                    f"{first_line(export_error)}{hint})"
-                ) from fx_error
+                raise TraceError(_both_failed(model, inputs, fx_error, export_error)) \
+                    from fx_error
+        graphs.fixed_arguments = dict(fixed)
+        return graphs
 
 
-def _with_unused_defaults(
-    model: nn.Module, inputs: ExampleInputs, options: TraceOptions
-) -> TraceOptions:
-    """Fix ``forward`` arguments the example leaves at a ``None`` / bool default.
-
-    Optional inputs (``mask=None``, ``return_dict=None``, ``output_attentions=False``) guard
-    ``if mask is not None:`` branches; traced as proxies, the branch would be taken and the
-    graph would need a mask nobody passes (Hiera). Fixed at their defaults, as the model is
-    actually called, they trace the path the example runs. ``concrete_args`` given by the user
-    win; the graph still accepts the argument and checks it has the traced value.
-    """
-    try:
-        signature = inspect.signature(model.forward)
-        supplied = signature.bind_partial(*inputs.args, **inputs.kwargs).arguments
-    except (TypeError, ValueError):
-        return options
-    fixed = {
-        name: parameter.default
-        for name, parameter in signature.parameters.items()
-        if name not in supplied
-        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
-        and (parameter.default is None or isinstance(parameter.default, bool))
-    }
-    fixed.update(options.concrete_args or {})
-    if not fixed:
-        return options
-    return dataclasses.replace(options, concrete_args=fixed)
+def _both_failed(model: nn.Module, inputs: ExampleInputs, fx_error: TraceError,
+                 export_error: BaseException) -> str:
+    """One message for two failed captures: the cause first where it is known."""
+    output_type = describe_output_type(model, inputs, export_error)
+    if output_type is not None:
+        return (f"cannot capture {type(model).__name__}: {output_type} (both torch.fx and "
+                "the torch.export fallback stop on it)")
+    hint = ""
+    if "data-dependent" in str(export_error):
+        hint = (
+            "; the model branches in Python on a tensor's value, e.g. a random "
+            "draw deciding whether to skip a layer in training (LayerDrop): make "
+            "that decision fixed (layerdrop=0) for the transform"
+        )
+    return f"{fx_error} (the torch.export fallback failed too: {first_line(export_error)}{hint})"
 
 
 def _symbolic_dual(model: nn.Module, options: TraceOptions) -> DualGraphs:

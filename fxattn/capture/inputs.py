@@ -69,11 +69,16 @@ def _walk_batches(value: Any, tensors: list[torch.Tensor], lists: list[list[Any]
 
 def _fresh_tensor(leaf: torch.Tensor, shape: tuple[int, ...],
                   generator: torch.Generator | None) -> torch.Tensor:
-    """Random values of ``leaf``'s kind: normal floats, all-true masks, ids below its max."""
+    """Random values of ``leaf``'s kind: normal floats, all-true masks, ids below its max.
+
+    An integer tensor of ones only is a mask too (a tokenizer's ``attention_mask`` for an
+    unpadded batch) and stays all ones: random zeros in it would mask whole rows of a causal
+    attention, whose outputs are then undefined (PyTorch and onnxruntime differ).
+    """
     if leaf.is_floating_point():
         return torch.randn(shape, generator=generator, dtype=leaf.dtype).to(leaf.device)
-    if leaf.dtype == torch.bool:
-        return torch.ones(shape, dtype=torch.bool, device=leaf.device)
+    if leaf.dtype == torch.bool or (leaf.numel() and bool((leaf == 1).all())):
+        return torch.ones(shape, dtype=leaf.dtype, device=leaf.device)
     high = int(leaf.max().item()) + 1 if leaf.numel() else 2
     return torch.randint(0, max(high, 1), shape, generator=generator, dtype=leaf.dtype).to(
         leaf.device
@@ -167,7 +172,9 @@ class ExampleInputs:
     def with_batch(self, batch: int, generator: torch.Generator | None = None) -> ExampleInputs:
         """Fresh random inputs of the same kind with another batch size (for verification).
 
-        Batch-major tensors get ``batch`` rows of random values; a sample list gets ``batch``
+        Batch-major tensors get ``batch`` rows of random values (normal floats, ids below the
+        example's largest; masks - bool, or integers that are all ones - stay all true); a
+        sample list gets ``batch``
         entries cycling over the example's (so images keep their sizes, each paired with its
         own target: sample ``i`` is a fresh image shaped like example ``i % len``, with that
         example's target dict); other leaves are kept.

@@ -45,7 +45,13 @@ def export_onnx(
     Args:
         module: the module to export (typically ``fxattn.strip_ssia(net)``).
         path: the ``.onnx`` file to write (see the overwrite policy in the module docstring).
-        example_inputs: one batch, as for :func:`fxattn.transform`.
+        example_inputs: one batch, as for :func:`fxattn.transform`: the inputs of the exported
+            model. They may differ from the inputs an fxattn training module was transformed
+            with (a language model trained with ``labels``, exported from ``input_ids`` /
+            ``attention_mask`` to logits): the lean graph is then captured again for them,
+            with the training module's DIA weights (:func:`fxattn.strip_ssia` with
+            ``example_inputs``). A lean module from ``strip_ssia(net)`` takes only its own
+            inputs; pass ``net`` itself, or ``strip_ssia(net, example_inputs=...)``, for others.
         opset: ONNX opset (exporter default when ``None``).
         exporter: ``"auto"`` (dynamo, then TorchScript on failure), ``"dynamo"`` or
             ``"torchscript"``. When the dynamo exporter fails, it is retried once with exact

@@ -308,10 +308,16 @@ def export_portable(
     if isinstance(module, AttentionGraphModule):
         from ..transform import strip_ssia
 
-        module = strip_ssia(module)
-        notes.append("exported the stripped (lean) evaluation graph of the fxattn module")
-    elif module.training:
-        module = copy.deepcopy(module).eval()
+        if _takes(module, inputs):
+            module = strip_ssia(module)
+            notes.append("exported the stripped (lean) evaluation graph of the fxattn module")
+        else:  # inference inputs other than the training ones (no labels): capture for them
+            module = strip_ssia(module, example_inputs=inputs)
+            notes.append(module.meta["fxattn_info"].plan.notes[-1])
+    else:
+        _check_lean_takes(module, inputs)
+        if module.training:
+            module = copy.deepcopy(module).eval()
     if fixed_batch is not None and inputs.batch_size != fixed_batch:
         inputs = inputs.with_batch(fixed_batch, torch.Generator().manual_seed(seed))
     _check_runs(module, inputs)
@@ -410,6 +416,33 @@ def _fixed_batch(module: nn.Module) -> int | None:
     if info is None and isinstance(module, fx.GraphModule):
         info = module.meta.get("fxattn_info")  # its stripped (lean) graph
     return getattr(info.plan, "fixed_batch", None) if info is not None else None
+
+
+def _takes(module: nn.Module, inputs: ExampleInputs) -> bool:
+    """Whether ``module.forward`` accepts the inputs' names and count (not their values)."""
+    try:
+        pyinspect.signature(module.forward).bind(*inputs.args, **inputs.kwargs)
+    except TypeError:
+        return False
+    except ValueError:  # no readable signature: let the run decide
+        return True
+    return True
+
+
+def _check_lean_takes(module: nn.Module, inputs: ExampleInputs) -> None:
+    """A lean graph takes the inputs it was transformed with; say how to get another one."""
+    if not isinstance(module, fx.GraphModule) or "fxattn_info" not in module.meta:
+        return
+    if _takes(module, inputs):
+        return
+    takes = ", ".join(pyinspect.signature(module.forward).parameters)
+    given = ", ".join([*(f"<positional {i}>" for i in range(len(inputs.args))), *inputs.kwargs])
+    raise InputError(
+        f"this lean graph takes ({takes}), the inputs it was transformed with, not ({given}); "
+        "to export it for other inputs (inference without labels), pass the training module "
+        "itself, fxattn.export_onnx(net, path, inputs), or strip it for them: "
+        "fxattn.strip_ssia(net, example_inputs=inputs)"
+    )
 
 
 def _check_runs(module: nn.Module, inputs: ExampleInputs) -> None:

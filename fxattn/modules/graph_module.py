@@ -46,9 +46,10 @@ from torch.fx.graph_module import (  # fx's own pickling machinery, reused for t
 from torch.package import sys_importer
 
 from ..analysis import Plan
+from ..capture.signature import describe_fixed_mismatch
 from ..capture.wrappers import unwrap  # noqa: F401 - re-exported: callers import it from here
 from ..errors import InputError
-from ..names import FXATTN_META, SSIA_ROOT
+from ..names import DIA_ROOT, FXATTN_META, SSIA_ROOT
 
 
 @dataclass
@@ -325,6 +326,9 @@ def _dispatching(graph_forward: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(graph_forward)
     def forward(self: AttentionGraphModule, *args: Any, **kwargs: Any) -> Any:
+        fixed = getattr(self.fxattn_info.plan, "fixed_arguments", None)  # older pickles: none
+        if fixed and kwargs.keys() & fixed.keys():
+            kwargs = _without_fixed(type(self).__name__, kwargs, fixed)
         expects = self.__dict__.get("_fxattn_tensor_inputs", ())
         if any(i < len(expects) and expects[i] and _is_container(arg)
                for i, arg in enumerate(args)):
@@ -336,6 +340,44 @@ def _dispatching(graph_forward: Callable[..., Any]) -> Callable[..., Any]:
         return graph_forward(self, *args, **kwargs)
 
     return forward
+
+
+def _without_fixed(name: str, kwargs: dict[str, Any], fixed: Mapping[str, Any]
+                   ) -> dict[str, Any]:
+    """``kwargs`` without the arguments the capture fixed (``use_cache``): left out, ``None``
+    or the captured value run the graph as captured; another value is refused."""
+    for key in kwargs.keys() & fixed.keys():
+        if kwargs[key] is not None and kwargs[key] != fixed[key]:
+            raise InputError(describe_fixed_mismatch(name, key, fixed[key], kwargs[key]))
+    return {k: v for k, v in kwargs.items() if k not in fixed}
+
+
+def original_module(net: AttentionGraphModule) -> nn.Module:
+    """A module of ``net``'s original class over ``net``'s own submodules, parameters and
+    attributes (shared, not copied): the original ``forward``, without DIA or SSIA.
+
+    What :func:`fxattn.strip_ssia` re-captures for another input signature. Raises
+    :class:`~fxattn.errors.InputError` where ``net``'s class does not derive from the original.
+    """
+    base = getattr(type(net), "_fxattn_base", None)
+    if base is None:
+        raise InputError(
+            f"{type(net).__name__} does not derive from the model's own class, so its original "
+            "forward() cannot be captured again; transform the original model with these "
+            "inputs and load this module's state_dict into it"
+        )
+    model = base.__new__(base)
+    nn.Module.__init__(model)
+    for name, value in vars(net).items():
+        if name not in _OWN_ATTRIBUTES:
+            model.__dict__[name] = value
+    model._modules.update((name, child) for name, child in net._modules.items()
+                          if name not in (DIA_ROOT, SSIA_ROOT))
+    model._parameters.update(net._parameters)
+    model._buffers.update(net._buffers)
+    model._non_persistent_buffers_set.update(net._non_persistent_buffers_set)
+    model.train(net.training)
+    return model
 
 
 def is_fxattn_module(module: nn.Module) -> bool:
