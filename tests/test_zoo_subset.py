@@ -56,7 +56,7 @@ def _bert() -> tuple[torch.nn.Module, Any]:
 
 def _gpt2() -> tuple[torch.nn.Module, Any]:
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100,
-                                     n_positions=32, use_cache=False)
+                                     n_positions=32)  # cache on, as from_config gives it
     return transformers.GPT2LMHeadModel(config), {"input_ids": torch.randint(0, 100, (2, 12))}
 
 
@@ -64,7 +64,7 @@ def _llama() -> tuple[torch.nn.Module, Any]:
     """A decoder LLM block (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU)."""
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2,
-                                      vocab_size=100, use_cache=False)
+                                      vocab_size=100)  # cache on, as from_config gives it
     return transformers.LlamaForCausalLM(config), {"input_ids": torch.randint(0, 100, (2, 12))}
 
 
