@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from torch import nn
 from training_helpers import batch, example, train_steps, transformed
 
 import fxattn
+import fxattn.ops
 from fxattn.modules.ssia import PairSpec, SSIALoss, TapSpec
 from fxattn.names import DIA_ROOT, SSIA_ROOT
 
@@ -81,8 +83,14 @@ def test_ssia_gradient_reaches_lower_stages_only(map_: str, pairs: str) -> None:
         assert grads[SSIA_ROOT] > 0
 
 
-def test_target_side_is_detached_exactly() -> None:
-    """On the SSIA modules themselves: d loss / d tap is the student terms' gradient only."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_target_side_is_detached_exactly(fused: bool) -> None:
+    """On the SSIA modules themselves: d loss / d tap is the student terms' gradient only.
+
+    Exact on the decomposed path; the fused operator computes the same gradient in another
+    order (float32 reordering: measured 9.3e-10 abs, 2.6e-7 rel), so it is compared with
+    ``assert_close``'s defaults. Either way the deepest tap (only a target) gets no gradient.
+    """
     taps = [TapSpec(1, 4, (8, 8), 0), TapSpec(1, 6, (4, 4), 0), TapSpec(1, 8, (2, 2), 0)]
     pairs = [PairSpec(0, 1, True), PairSpec(1, 2, True)]
     loss_fn = SSIALoss(taps, pairs, weight=0.5)
@@ -92,11 +100,14 @@ def test_target_side_is_detached_exactly() -> None:
     def maps() -> tuple[torch.Tensor, ...]:
         return tuple(tap_map(f) for tap_map, f in zip(loss_fn.maps, feats, strict=True))
 
-    loss_fn(*maps()).backward()
+    with contextlib.nullcontext() if fused else fxattn.ops.decomposed():
+        loss_fn(*maps()).backward()
     assert feats[2].grad is None  # the deepest tap is only a target
-    student_term = 0.5 * loss_fn._pair_loss(maps(), 1, pairs[1])
-    (expected,) = torch.autograd.grad(student_term, feats[1])
-    torch.testing.assert_close(feats[1].grad, expected, rtol=0, atol=0)
+    with fxattn.ops.decomposed():
+        student_term = 0.5 * loss_fn._pair_loss(maps(), 1, pairs[1])
+        (expected,) = torch.autograd.grad(student_term, feats[1])
+    exact = {"rtol": 0, "atol": 0} if not fused else {}
+    torch.testing.assert_close(feats[1].grad, expected, **exact)
     assert feats[0].grad is not None and feats[0].grad.abs().sum() > 0
 
 

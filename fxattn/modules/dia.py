@@ -89,6 +89,18 @@ def _identity_gate(module: nn.Module, channels: int, init: str) -> None:
         raise ValueError(f"unknown DIA init {init!r}")  # fxattn.DIA validates it first
 
 
+def _calls_do_work(*mlps: nn.Module) -> bool:
+    """Whether calling these MLPs' modules does more than their math.
+
+    The fused operators read the ``nn.Linear`` weights directly and never call the modules.
+    A module with forward hooks expects to be called: FSDP2's ``fully_shard`` unshards its
+    parameters (DTensors) in a pre-forward hook, and a user's hook reads activations. Such a
+    module runs the decomposed path, which calls every module as the paper's code does.
+    """
+    return any(module._forward_hooks or module._forward_pre_hooks
+               for mlp in mlps for module in mlp.modules())
+
+
 def _mlp(channels: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, out))
 
@@ -116,7 +128,8 @@ class DIALSTMCell(nn.Module):
     def forward(
         self, x: torch.Tensor, h: torch.Tensor | None = None, c: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.fused and ops.fused_enabled():
+        if (self.fused and ops.fused_enabled()
+                and not _calls_do_work(self.input_path, self.hidden_path)):
             return self._fused_forward(x, h, c)
         if isinstance(c, CarriedState):
             c = c.c
@@ -176,7 +189,7 @@ class SharedSE(nn.Module):
         _identity_gate(self, channels, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and ops.fused_enabled():
+        if self.fused and ops.fused_enabled() and not _calls_do_work(self.fc):
             return ops.dia_se(x, *_linear_params(self.fc), self.gate, self.channel_dim)
         weights = gated_scale(torch.sigmoid(self.fc(_descriptor(x, self.channel_dim))), self.gate)
         return x * _broadcastable(weights, x, self.channel_dim)

@@ -164,8 +164,10 @@ class SSIALoss(nn.Module):
         for pair in self.pairs:
             grid = self.taps[pair.low].grid
             resize_to = list(grid) if pair.resize and grid is not None else []
-            total = ops.ssia_pair_loss(maps[pair.low], maps[pair.high], total, resize_to,
-                                       self.weight)
+            # the deeper map is only a target: detached, so autograd never reaches its tap
+            # (the op's backward gives it no gradient, but an edge would still deliver zeros)
+            total = ops.ssia_pair_loss(maps[pair.low], maps[pair.high].detach(), total,
+                                       resize_to, self.weight)
         assert total is not None
         return total
 
