@@ -21,7 +21,7 @@ from models import CifarResNet, TokenResidual
 import fxattn
 from fxattn.errors import ExportError
 from fxattn.export import export_onnx
-from fxattn.export.dia_scope import dia_matrix_names
+from fxattn.export.dia_name_scope import dia_matrix_names
 from fxattn.export.lowp import LOWP_ATOL, apply_dia_weights, gemm_to_matmul
 from fxattn.export.optimize import OnnxOptimize
 from fxattn.export.runtime import ort_session

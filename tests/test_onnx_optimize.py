@@ -22,7 +22,7 @@ from models import CifarResNet, TokenResidual, cifar_dia_lean
 import fxattn
 from fxattn.errors import ConfigError
 from fxattn.export import export_onnx
-from fxattn.export.dia_scope import in_dia, mark_dia_scopes
+from fxattn.export.dia_name_scope import in_dia, mark_dia_name_scopes
 from fxattn.export.lowp import LOWP_ATOL, LOWP_RTOL, apply_dia_weights
 from fxattn.export.optimize import REQUIRES, OnnxOptimize, optimize_onnx_file, resolve_optimize
 from fxattn.export.runtime import ort_session
@@ -345,7 +345,7 @@ def test_compose_first_layer_leaves_a_narrowing_projection_alone(tmp_path: Path)
 
 
 def test_torchscript_dia_scopes_are_marked_unless_a_model_module_shares_the_name() -> None:
-    """``mark_dia_scopes``: nodes under every call of a DIA group (``/inner/g0/``,
+    """``mark_dia_name_scopes``: nodes under every call of a DIA group (``/inner/g0/``,
     ``/inner/g0_1/``...) are DIA's; a call under which the model's own parameters are read (a
     module of the model named like the group) is left unmarked."""
     helper = onnx.helper
@@ -362,6 +362,6 @@ def test_torchscript_dia_scopes_are_marked_unless_a_model_module_shares_the_name
                               [helper.make_tensor_value_info("y", 1, [1, 4])], [weight, own])
     model = helper.make_model(graph)
     assert [in_dia(n) for n in model.graph.node] == [False] * 6
-    assert mark_dia_scopes(model) == 3
+    assert mark_dia_name_scopes(model) == 3
     assert [in_dia(n) for n in model.graph.node] == [True, True, True, False, False, False]
-    assert mark_dia_scopes(model) == 0  # marked once
+    assert mark_dia_name_scopes(model) == 0  # marked once

@@ -94,7 +94,7 @@ def test_torchscript_exports_get_the_same_rewrites_and_compile(lean: torch.nn.Mo
     it writes few shapes; the export records DIA's scopes, the shapes are inferred, and the
     file gets the same exact rewrites and compiles with every multiply fused, as a dynamo
     export does."""
-    from fxattn.export.dia_scope import SCOPE_KEY, in_dia
+    from fxattn.export.dia_name_scope import NAME_SCOPE_KEY, in_dia
 
     x = torch.randn(2, 3, 32, 32)
     path = tmp_path / "ts.onnx"
@@ -105,7 +105,7 @@ def test_torchscript_exports_get_the_same_rewrites_and_compile(lean: torch.nn.Mo
                 for r in (report, dynamo)]
     assert rewrites[0] == rewrites[1] and rewrites[0]  # the same rewrites, as often
     graph = onnx.load(str(path)).graph
-    marked = [n for n in graph.node if any(p.key == SCOPE_KEY for p in n.metadata_props)]
+    marked = [n for n in graph.node if any(p.key == NAME_SCOPE_KEY for p in n.metadata_props)]
     assert marked and all(in_dia(n) for n in marked)
     assert not any(in_dia(n) for n in graph.node if n.op_type == "Conv" and "fxattn" not in n.name)
     compiled = fxattn.compile_ort_cpu(path, tmp_path / "ts.b1.onnx", batch_size=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..export.dia_scope import in_dia
+from ..export.dia_name_scope import in_dia
 from ..export.onnx_graph import node_attr
 from ..export.optimize import tensor_shapes
 from .copies import LayoutCopies

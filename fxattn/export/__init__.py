@@ -6,7 +6,7 @@ The files follow the steps of :func:`export_onnx`:
   ``portable.py`` (``torch.onnx`` with the dynamo exporter, TorchScript as a fallback, the
   exact rewrites of ``compat.py`` when the exporter needs them).
 * ``optimize.py`` and ``state_fold.py`` - exact DIA rewrites of the exported graph
-  (``dia_scope.py``: which names and nodes are DIA's).
+  (``dia_name_scope.py``: which names and nodes are DIA's).
 * ``lowp.py`` - DIA's matrices stored at lower precision (fp16, int8, int4).
 * ``agreement.py`` - the one rule for two computations of the same model (allclose, then
   the reference's own float32 error); ``verify.py`` applies it to onnxruntime against PyTorch

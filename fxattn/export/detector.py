@@ -45,7 +45,7 @@ from .detection import MatchReport, MatchRule, match_detections
 from .lowp import apply_dia_weights, check_dia_weights
 from .onnx_files import onnx_file_bytes
 from .optimize import OnnxOptimize, optimize_onnx_file, resolve_optimize
-from .portable import ExportReport, export_portable, mark_dia_scopes_in_file
+from .portable import ExportReport, export_portable, mark_dia_name_scopes_in_file
 from .runtime import ort_session
 
 DETECTION_EXPORTERS = ("auto", "torchscript", "dynamo")
@@ -352,7 +352,7 @@ def export_detector(
             if failures:
                 notes.append(f"fell back to the {used} exporter ({failures[0]})")
             if used == "torchscript":
-                mark_dia_scopes_in_file(tmp)  # its node names lose DIA's scope
+                mark_dia_name_scopes_in_file(tmp)  # its node names lose DIA's scope
             if rewrites is not None:
                 notes += optimize_onnx_file(tmp, rewrites).notes
             seconds = time.perf_counter() - start

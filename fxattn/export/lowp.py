@@ -45,7 +45,7 @@ import numpy as np
 from ..config import Tolerance
 from ..errors import ExportError
 from ..names import DIA_PREFIX
-from .dia_scope import dia_matrix_names, is_dia_name
+from .dia_name_scope import dia_matrix_names, is_dia_name
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
 from .onnx_graph import node_attr, remove_unused_initializers
 from .state_fold import fold_initial_state

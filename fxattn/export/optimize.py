@@ -79,7 +79,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from .dia_scope import has_dia, in_dia
+from .dia_name_scope import has_dia, in_dia
 from .onnx_graph import graph_reads, has_control_flow, node_attr, readers
 from .state_fold import fold_initial_state
 

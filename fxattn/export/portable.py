@@ -40,7 +40,7 @@ from ..errors import ConfigError, ExportError, InputError, first_line
 from ..files import atomic_path, check_output_path
 from ..modules.graph_module import AttentionGraphModule, unwrap
 from .compat import ExportCompatMode
-from .dia_scope import mark_dia_scopes
+from .dia_name_scope import mark_dia_name_scopes
 from .lowp import apply_dia_weights, check_dia_weights
 from .lowp import tolerance as lowp_tolerance
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
@@ -241,18 +241,19 @@ def _export_checked(
         if compat.report.changed:
             notes.append(str(compat.report))
         if exporter == "torchscript":
-            mark_dia_scopes_in_file(tmp)
+            mark_dia_name_scopes_in_file(tmp)
         return notes
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def mark_dia_scopes_in_file(path: Path) -> None:
-    """Record DIA's scopes in a TorchScript export (:func:`fxattn.export.dia_scope.mark_dia_scopes`:
-    its node names lose them), so that DIA's rewrites find its nodes."""
+def mark_dia_name_scopes_in_file(path: Path) -> None:
+    """Record DIA's name scopes in a TorchScript export (its node names lose them; see
+    :func:`fxattn.export.dia_name_scope.mark_dia_name_scopes`), so DIA's rewrites find its
+    nodes."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
-    if mark_dia_scopes(model):
+    if mark_dia_name_scopes(model):
         onnx.save(model, str(path))
 
 

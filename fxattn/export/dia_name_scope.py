@@ -2,7 +2,7 @@
 
 DIA's modules live under one root of the lean module (:data:`fxattn.names.DIA_PREFIX`); the
 exporters carry it into the graph as parameter names (both exporters), module name scopes
-(dynamo) or node names (TorchScript, where :func:`mark_dia_scopes` records the scope). The
+(dynamo) or node names (TorchScript, where :func:`mark_dia_name_scopes` records the scope). The
 exact rewrites, the low-precision weights, the compile and the cost account all find DIA here.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from ..names import DIA_PREFIX
 
 #: metadata entry with a node's DIA scope, where the exporter records no module scopes
-SCOPE_KEY = "fxattn.name_scope"
+NAME_SCOPE_KEY = "fxattn.name_scope"
 
 
 def is_dia_name(name: str, prefix: str = DIA_PREFIX) -> bool:
@@ -33,9 +33,9 @@ def dia_matrix_names(model: Any, prefix: str = DIA_PREFIX) -> list[str]:
 
 def in_dia(node: Any) -> bool:
     """Whether ``node`` comes from a DIA module: the dynamo exporter's name scopes, the scope
-    :func:`mark_dia_scopes` recorded on a TorchScript export, or a scoped node name."""
+    :func:`mark_dia_name_scopes` recorded on a TorchScript export, or a scoped node name."""
     for prop in node.metadata_props:
-        if prop.key == SCOPE_KEY:
+        if prop.key == NAME_SCOPE_KEY:
             return prop.value.startswith(DIA_PREFIX)
         if prop.key == "pkg.torch.onnx.name_scopes":
             try:
@@ -46,7 +46,7 @@ def in_dia(node: Any) -> bool:
     return DIA_PREFIX in node.name
 
 
-def mark_dia_scopes(model: Any) -> int:
+def mark_dia_name_scopes(model: Any) -> int:
     """Record DIA's module scope on the nodes of a TorchScript export; returns how many.
 
     The TorchScript exporter names a node after the modules it ran in, one path component per
@@ -55,7 +55,7 @@ def mark_dia_scopes(model: Any) -> int:
     ``fxattn_dia`` is never called, so the names lose it); only the parameters keep the full
     name (``inner.fxattn_dia.g2.input_path.0.weight``). A node that reads a DIA parameter shows
     where its group's calls are (``/inner/`` + ``g2``); every node under one of them gets the
-    metadata entry :data:`SCOPE_KEY` = ``fxattn_dia.g2``, which :func:`in_dia` reads, so the
+    metadata entry :data:`NAME_SCOPE_KEY` = ``fxattn_dia.g2``, which :func:`in_dia` reads, so the
     rewrites here, :func:`fxattn.compile_ort_cpu` and the cost account find DIA in TorchScript
     exports as they do in dynamo exports. A call under which other parameters are read (a
     module of the model that has the group's name) is left unmarked: an optimisation skipped,
@@ -85,9 +85,9 @@ def mark_dia_scopes(model: Any) -> int:
                if any(name in parameters and not is_dia_name(name, DIA_PREFIX)
                       for name in node.input)}
     marked = 0
-    for node, (prefix, dia_scope) in scoped:
-        if prefix not in foreign and not any(p.key == SCOPE_KEY for p in node.metadata_props):
-            node.metadata_props.add(key=SCOPE_KEY, value=dia_scope)
+    for node, (prefix, dia_name_scope) in scoped:
+        if prefix not in foreign and not any(p.key == NAME_SCOPE_KEY for p in node.metadata_props):
+            node.metadata_props.add(key=NAME_SCOPE_KEY, value=dia_name_scope)
             marked += 1
     return marked
 
