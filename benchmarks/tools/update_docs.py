@@ -128,8 +128,9 @@ def _machine(data: dict) -> tuple[str, str]:
     machine = data.get("machine")
     if not isinstance(machine, dict):
         return "-", "-"
-    when = machine.get("time_utc", "-")
-    cpus = machine.get("cpu_count", machine.get("cpus"))
+    when = str(machine.get("time_utc") or machine.get("when_utc") or "-")
+    when = when.replace("T", " ").removesuffix("+00:00")  # ISO times as the others are written
+    cpus = machine.get("cpu_count", machine.get("cpus", machine.get("cores")))
     what = machine.get("cpu", "")
     what = f"{what}, {cpus} CPUs" if what else (f"{cpus} CPUs" if cpus else "-")
     if "onnxruntime" in machine:

@@ -245,6 +245,10 @@ class _Arms:
         """The transformed model as asked for (DIA and SSIA)."""
         return self._transform("net", self.dia, self.ssia)
 
+    def captured(self) -> nn.Module:
+        """The original as fxattn captures it, nothing inserted (the operator baseline)."""
+        return self._transform("captured", None, None)
+
     def dia_only(self) -> nn.Module | None:
         return None if self.dia is None else self._transform("dia", self.dia, None)
 
@@ -316,7 +320,8 @@ class _Arms:
         return OpAccount(step_ops(self.model, self.example),
                          step_ops(dia_net, self.example) if dia_net is not None else None,
                          step_ops(full, self.example) if full is not None else None,
-                         sites, len(plan_of(full).taps) if full is not None else 0)
+                         sites, len(plan_of(full).taps) if full is not None else 0,
+                         step_ops(self.captured(), self.example))
 
 
 def _extras(extra: dict[str, Extra] | None, lean: nn.Module) -> dict[str, nn.Module]:
