@@ -7,8 +7,10 @@ captures them with the cache off by itself (the plan says so; the config is not 
 step of Hugging Face ``Trainer`` trains them with ``SSIA(attach=True)`` on ``labels`` in the
 inputs, and the export takes inference inputs (no labels): the lean graph is captured again
 with the trained DIA weights (same ``fxattn_dia.*`` keys) and verified in onnxruntime.
-Then the errors: ``use_cache=True`` on a model captured without it, a lean graph asked for
-other inputs, and a forward that returns a type no graph carries (a cache, a plain class).
+A model whose output holds more than its logits (an encoder-decoder's encoder state) exports
+the logits alone by default, ``outputs=`` choosing otherwise. Then the errors:
+``use_cache=True`` on a model captured without it, a lean graph asked for other inputs, and a
+forward that returns a type no graph carries (a cache, a plain class).
 """
 
 from __future__ import annotations
@@ -163,9 +165,44 @@ def test_encoder_decoder_trains_in_trainer_and_exports_from_inference_inputs(
         torch.testing.assert_close(got[key], value, rtol=0, atol=0)
     report = fxattn.export_onnx(lean, tmp_path / "bart.onnx", inference)
     assert report.verified
-    # logits and the encoder's last hidden state (a Seq2SeqLMOutput always holds it); no loss
-    # and no cache
-    assert len(_onnx_outputs(tmp_path / "bart.onnx")) == 2
+    # a Seq2SeqLMOutput also holds the encoder's last hidden state (for generation): the
+    # deployed file keeps the logits alone, named so, and the report says what it left out
+    assert _onnx_outputs(tmp_path / "bart.onnx") == ["logits"]
+    assert any("left out 'encoder_last_hidden_state'" in note for note in report.notes)
+    both = ["logits", "encoder_last_hidden_state"]
+    report = fxattn.export_onnx(lean, tmp_path / "both.onnx", inference, outputs=both)
+    assert report.verified and _onnx_outputs(tmp_path / "both.onnx") == both
+
+
+class _TwoHeads(nn.Module):
+    """A plain module with a dict output: what ``outputs=`` chooses from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        for block in self.blocks:
+            x = x + torch.relu(block(x))
+        return {"features": x, "logits": self.head(x)}
+
+
+def test_outputs_choose_the_entries_of_a_mapping_output(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    lean = fxattn.strip_ssia(fxattn.transform(_TwoHeads(), x, ssia=False))
+    for outputs, names in (("auto", ["logits"]), (None, None), (["features"], ["features"]),
+                           (["logits", "features"], ["logits", "features"])):
+        path = tmp_path / f"{outputs}.onnx"
+        assert fxattn.export_onnx(lean, path, x, outputs=outputs).verified
+        got = _onnx_outputs(path)
+        assert got == names if names else len(got) == 2
+    for wrong in (["scores"], ["logits", "logits"], []):
+        with pytest.raises(fxattn.ConfigError, match="choose distinct names among the outputs "
+                                                     "'features', 'logits'"):
+            fxattn.export_onnx(lean, tmp_path / "no.onnx", x, outputs=wrong)
+    assert not (tmp_path / "no.onnx").exists()
 
 
 class _Result:

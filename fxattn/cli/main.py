@@ -235,7 +235,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                              exporter=args.exporter, verify=not args.no_verify, atol=args.atol,
                              rtol=args.rtol, float64_check=not args.no_float64_check,
                              overwrite=args.force, dia_weights=args.dia_weights,
-                             optimize=args.optimize)
+                             optimize=args.optimize,
+                             outputs=None if args.all_outputs else (args.outputs or "auto"))
     print(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
@@ -357,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "tolerance; default: fp32)")
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
                    help="the exact DIA rewrites for onnxruntime (default: yes)")
+    chosen = p.add_mutually_exclusive_group()
+    chosen.add_argument("--outputs", nargs="+", metavar="NAME",
+                        help="the entries of a mapping output (a Hugging Face ModelOutput) to "
+                             "export (default: logits alone where it sits beside others)")
+    chosen.add_argument("--all-outputs", action="store_true", help="export every output")
     _add_tolerance_args(p)
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--json", help="also write the export report as JSON to this file")

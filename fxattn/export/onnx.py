@@ -8,12 +8,14 @@ this file tells where a model goes.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from ..capture import ExampleInputs
 from ..config import DEFAULT_ATOL, DEFAULT_RTOL
+from ..errors import ConfigError
 from ..modules.graph_module import unwrap
 from .detector import DetectionExportReport, export_detector, is_detection_export
 from .optimize import OnnxOptimize
@@ -36,6 +38,7 @@ def export_onnx(
     seed: int = 0,
     dia_weights: str | None = None,
     optimize: bool | OnnxOptimize | None = True,
+    outputs: str | Sequence[str] | None = "auto",
 ) -> ExportReport | DetectionExportReport:
     """Export ``module`` to ``path`` as ONNX with a dynamic batch and verify it in onnxruntime.
 
@@ -70,6 +73,11 @@ def export_onnx(
             default: all but the opt-in ``blocked_scale`` and ``fused_residual``; ``False``:
             none; an :class:`fxattn.OnnxOptimize` picks them). A model without DIA is never
             changed by them.
+        outputs: which outputs of a model that returns a mapping (a Hugging Face
+            ``ModelOutput``, a dict) the file keeps, named after them. ``"auto"`` (default):
+            ``logits`` alone where it sits beside other entries (an encoder-decoder's encoder
+            state, hidden states), said in the report's notes; ``None``: every output; a list
+            of names: those (:mod:`fxattn.export.outputs`).
 
     A detector (a scoped fxattn model, or a module fed a list of images) is exported whole
     by :func:`fxattn.export_detection.export_detector` (``exporter``, ``opset``, ``verify``,
@@ -94,11 +102,15 @@ def export_onnx(
         seed=seed,
         dia_weights=dia_weights,
         optimize=optimize,
+        outputs=outputs,
     )
     if isinstance(module, nn.Module):
         inputs = ExampleInputs.from_user(example_inputs)
         if is_detection_export(unwrap(module), inputs):  # list[image] -> list[dict]
             del options["batch_sizes"], options["atol"], options["rtol"]
-            del options["float64_check"]
+            del options["float64_check"], options["outputs"]
+            if outputs not in ("auto", None):
+                raise ConfigError("outputs= chooses entries of a mapping output; a detector's "
+                                  "export keeps its boxes, labels and scores: leave it out")
             return export_detector(unwrap(module), path, inputs.args, **options)
     return export_portable(module, path, example_inputs, **options)

@@ -24,6 +24,7 @@ import os
 import time
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from .lowp import apply_dia_weights, check_dia_weights
 from .lowp import tolerance as lowp_tolerance
 from .onnx_files import external_data_path, onnx_file_bytes, save_with_external_data
 from .optimize import OnnxOptimize
+from .outputs import AUTO, output_names, select_outputs
 from .verify import VerificationReport, verify_onnx
 
 __all__ = ["ExportReport", "export_portable"]
@@ -169,6 +171,7 @@ def _run_exporter(
     dynamic_batch: bool = True,
 ) -> None:
     quiet = io.StringIO()
+    outputs = output_names(module)
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
         warnings.simplefilter("ignore")
         if kind == "dynamo":
@@ -183,6 +186,7 @@ def _run_exporter(
                 external_data=False,
                 optimize=optimize,
                 verbose=False,
+                output_names=outputs,
             )
         else:
             names = [f"input_{i}" for i in range(len(inputs.tensors()))]
@@ -196,6 +200,7 @@ def _run_exporter(
                 kwargs=kwargs or None,
                 dynamo=False,
                 input_names=names,
+                output_names=outputs,
                 dynamic_axes={name: {0: "batch"} for name in names} if dynamic_batch else None,
                 opset_version=opset or 17,
             )
@@ -273,6 +278,7 @@ def export_portable(
     seed: int = 0,
     dia_weights: str | None = None,
     optimize: bool | OnnxOptimize | None = True,
+    outputs: str | Sequence[str] | None = AUTO,
 ) -> ExportReport:
     """The portable export of one module: :func:`fxattn.export.export_onnx` without the
     detector dispatch (the arguments are that function's)."""
@@ -321,7 +327,8 @@ def export_portable(
             module = copy.deepcopy(module).eval()
     if fixed_batch is not None and inputs.batch_size != fixed_batch:
         inputs = inputs.with_batch(fixed_batch, torch.Generator().manual_seed(seed))
-    _check_runs(module, inputs)
+    module, chosen = select_outputs(module, _check_runs(module, inputs), outputs)
+    notes += chosen
     export_inputs = _export_inputs(inputs) if fixed_batch is None else inputs
     order = {
         "auto": ["dynamo", "dynamo+compat", "torchscript"],
@@ -446,9 +453,10 @@ def _check_lean_takes(module: nn.Module, inputs: ExampleInputs) -> None:
     )
 
 
-def _check_runs(module: nn.Module, inputs: ExampleInputs) -> None:
-    """Run the module once before exporting: a module that rejects its inputs, or returns no
-    tensor, would otherwise fail deep inside both exporters or onnxruntime."""
+def _check_runs(module: nn.Module, inputs: ExampleInputs) -> Any:
+    """Run the module once before exporting (and return its output): a module that rejects
+    its inputs, or returns no tensor, would otherwise fail deep inside both exporters or
+    onnxruntime."""
     try:
         with torch.no_grad():
             result = inputs.call(module)
@@ -463,3 +471,4 @@ def _check_runs(module: nn.Module, inputs: ExampleInputs) -> None:
             f"{type(module).__name__} returns no tensor (got {type(result).__name__}); an "
             "ONNX model needs at least one tensor output"
         )
+    return result

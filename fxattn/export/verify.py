@@ -176,7 +176,14 @@ def verify_onnx(
         batch_inputs = inputs.with_batch(batch, generator)
         with torch.no_grad():
             expected = tensor_outputs(batch_inputs.call(module))
-        actual = session.run(None, ort_feed(session, batch_inputs))
+        try:
+            actual = session.run(None, ort_feed(session, batch_inputs))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own failure, in one line
+            raise VerificationError(
+                f"onnxruntime cannot run the exported model at batch {batch}: "
+                f"{first_line(exc)} (often a size the exporter fixed at the example's batch); "
+                "try the other exporter (exporter='dynamo' or 'torchscript')"
+            ) from exc
         runs.append((batch_inputs, actual, expected, judge(batch, actual, expected, names, tol)))
     worst = max((run[3] for run in runs), key=lambda c: c.margin)
     report = VerificationReport(
