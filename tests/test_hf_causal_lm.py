@@ -238,3 +238,19 @@ def test_a_cache_the_example_asks_for_is_named_with_the_fix() -> None:
                        match=r"returns a transformers\.cache_utils\.\w*Cache.*example inputs "
                              r"set use_cache=True; leave use_cache out"):
         fxattn.inspect(_opt(), {**_batch(labels=False), "use_cache": True})
+
+
+def test_a_file_of_some_outputs_verifies_against_the_module_that_returns_all(
+        tmp_path: Path) -> None:
+    """verify_onnx compares the entries a file's outputs are named after (the zoo and users
+    verify a logits-only file against the lean module, which returns every entry)."""
+    from fxattn.capture import ExampleInputs
+    from fxattn.export import verify_onnx
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    lean = fxattn.strip_ssia(fxattn.transform(_TwoHeads(), x, ssia=False))
+    path = tmp_path / "logits.onnx"
+    fxattn.export_onnx(lean, path, x, verify=False)
+    assert _onnx_outputs(path) == ["logits"]
+    assert verify_onnx(str(path), lean, ExampleInputs.from_user(x)).passed

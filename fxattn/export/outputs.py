@@ -42,7 +42,10 @@ class SelectedOutputs(nn.Module):
         self.train(inner.training)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        result = self.inner(*args, **kwargs)
+        return self.select(self.inner(*args, **kwargs))
+
+    def select(self, result: Any) -> Any:
+        """The chosen entries of one of ``inner``'s outputs."""
         picked = tuple(result[name] for name in self.names)
         return picked[0] if len(picked) == 1 else picked
 
@@ -87,6 +90,19 @@ def select_outputs(module: nn.Module, result: Any, outputs: str | Sequence[str] 
     wrapper = SelectedOutputs(module, names)
     _give_signature(wrapper, module)
     return wrapper, notes
+
+
+def match_outputs(module: nn.Module, result: Any,
+                  names: Sequence[str]) -> nn.Module | SelectedOutputs:
+    """``module`` returning only the entries an ONNX file's outputs are named after (a file
+    exported with some entries of a mapping output), so that a verification compares like with
+    like; ``module`` itself when the file holds every output or its names are the exporter's."""
+    entries = _entries(result)
+    if entries is None or list(names) == list(entries) or not set(names) <= set(entries):
+        return module
+    wrapper = SelectedOutputs(module, names)
+    _give_signature(wrapper, module)
+    return wrapper
 
 
 def _give_signature(wrapper: SelectedOutputs, inner: nn.Module) -> None:
